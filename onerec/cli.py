@@ -1,0 +1,139 @@
+"""`onerec ...`: every user-facing action. Each command is a thin wrapper over a library call.
+
+Common options on every command: --config PRESET|FILE (default: $ONEREC_PRESET or `small`),
+--set KEY=VALUE (repeatable). Commands that report figures print them last as one JSON line
+and take --json PATH.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from onerec.config import Config, ConfigError, load_config
+
+DEFAULT_PRESET = os.environ.get("ONEREC_PRESET", "small")
+
+
+def emit_figures(figures: dict, json_path: str | None) -> None:
+    """The machine-readable result: the last line of stdout, and optionally a file."""
+    line = json.dumps(figures, sort_keys=True, default=str)
+    if json_path:
+        Path(json_path).write_text(line + "\n")
+    print(line, flush=True)
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_stack(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec import stack
+
+    if args.action == "up":
+        t0 = time.monotonic()
+        statuses = stack.up(cfg, _progress)
+        print(stack.format_status(statuses))
+        print(f"stack healthy in {time.monotonic() - t0:.1f}s; endpoints in "
+              f"{Path(cfg.stack.state_dir) / 'stack.env'}")
+    elif args.action == "down":
+        stopped = stack.down(cfg)
+        print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    elif args.action == "status":
+        statuses = stack.status(cfg)
+        print(stack.format_status(statuses))
+        return 0 if all(s.state == "healthy" for s in statuses) else 3
+    elif args.action == "logs":
+        print(stack.logs(cfg, args.parts, args.lines))
+    return 0
+
+
+def cmd_data_describe(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.data import describe, format_table, load_dataset
+
+    stats = describe(load_dataset(cfg.data))
+    print(format_table(stats))
+    emit_figures(stats, args.json)
+    return 0
+
+
+def cmd_config_show(cfg: Config, args: argparse.Namespace) -> int:
+    import yaml
+
+    from onerec.config import to_dict
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.demo import run_demo
+
+    emit_figures(run_demo(cfg, _progress), args.json)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=DEFAULT_PRESET,
+                        help="preset name (debug, small, full) or YAML path [%(default)s]")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set model.d_model=256 (repeatable)")
+    json_out = argparse.ArgumentParser(add_help=False)
+    json_out.add_argument("--json", metavar="PATH", help="also write the figures' JSON line here")
+
+    parser = argparse.ArgumentParser(prog="onerec", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_stack = sub.add_parser("stack", help="the embedded local stack (Kafka, Redis, MLflow)")
+    stack_sub = p_stack.add_subparsers(dest="action", required=True)
+    stack_sub.add_parser("up", parents=[common], help="start and wait until healthy (idempotent)")
+    stack_sub.add_parser("down", parents=[common], help="stop what `up` started")
+    stack_sub.add_parser("status", parents=[common], help="a health table; exit 3 if not all healthy")
+    p_logs = stack_sub.add_parser("logs", parents=[common], help="the last lines of each part's log")
+    p_logs.add_argument("parts", nargs="*", help="kafka, redis, mlflow (default: all)")
+    p_logs.add_argument("-n", "--lines", type=int, default=40)
+    p_stack.set_defaults(func=cmd_stack)
+
+    p_data = sub.add_parser("data", help="data sets")
+    data_sub = p_data.add_subparsers(dest="action", required=True)
+    data_sub.add_parser("describe", parents=[common, json_out],
+                        help="users, items, interactions, time span, sparsity").set_defaults(func=cmd_data_describe)
+
+    p_config = sub.add_parser("config", help="configuration")
+    config_sub = p_config.add_subparsers(dest="action", required=True)
+    config_sub.add_parser("show", parents=[common], help="print the resolved config").set_defaults(func=cmd_config_show)
+
+    sub.add_parser("demo", parents=[common, json_out],
+                   help="the main job end to end on the embedded stack").set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return args.func(cfg, args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("ONEREC_DEBUG"):
+            raise
+        # Our own errors carry the whole story in their message; others get their type too.
+        known = type(exc).__module__.startswith("onerec")
+        print(f"error: {exc if known else f'{type(exc).__name__}: {exc}'}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""One config source: frozen dataclasses filled from a YAML preset, then `--set` overrides.
+
+Presets live in `configs/<name>.yaml` (`debug` for tests/CI, `small` for the demo, `full` for a
+cluster). Every field is required in the preset, so a value lives in exactly one place; the
+dataclasses only say what exists and what is valid. Endpoints are not config: they come from
+the environment (or the stack's env file), see `onerec.endpoints`.
+
+    cfg = load_config("debug", overrides=["model.d_model=256"])
+    cfg.model.d_model  # 256
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIR = Path(os.environ.get("ONEREC_CONFIG_DIR", PROJECT_ROOT / "configs"))
+
+
+class ConfigError(ValueError):
+    """A preset or override is wrong; the message names the key and what to do."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str                 # folder holding the data sets; relative paths are from the project root
+    dataset: str              # ml-100k | amazon-beauty | generic
+    path: str                 # generic format only: CSV or parquet file (relative to root); '' otherwise
+    live_fraction: float      # share of events (by time) after T0, replayed as the live stream
+    max_users: int            # 0 = all users; >0 keeps the first N users (debug slices)
+
+    def validate(self, key: str) -> None:
+        _check(self.dataset in ("ml-100k", "amazon-beauty", "generic"), f"{key}.dataset",
+               f"unknown data set '{self.dataset}' (choose ml-100k, amazon-beauty or generic)")
+        _check(self.dataset != "generic" or bool(self.path), f"{key}.path",
+               "the generic format needs a CSV or parquet file path")
+        _check(0.0 < self.live_fraction < 1.0, f"{key}.live_fraction", "must be between 0 and 1")
+        _check(self.max_users >= 0, f"{key}.max_users", "must be >= 0 (0 = all users)")
+
+    def root_path(self) -> Path:
+        root = Path(os.environ.get("ONEREC_DATA_ROOT", self.root))
+        return root if root.is_absolute() else (PROJECT_ROOT / root).resolve()
+
+
+@dataclass(frozen=True)
+class TopicConfig:
+    name: str
+    partitions: int
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.name) and all(c.isalnum() or c in "._-" for c in self.name), f"{key}.name",
+               f"'{self.name}' is not a valid Kafka topic name")
+        _check(self.partitions >= 1, f"{key}.partitions", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    user_events: TopicConfig
+    dlq: TopicConfig
+    exposures: TopicConfig
+
+    def topics(self) -> tuple[TopicConfig, ...]:
+        return (self.user_events, self.dlq, self.exposures)
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    state_dir: str            # pid files, logs, data of the embedded stack; relative to the cwd
+    host: str                 # loopback address every embedded part listens and advertises on
+    kafka_port: int
+    redis_port: int
+    mlflow_port: int
+    startup_timeout_s: float  # `stack up` fails if a part is not healthy by then
+    stop_timeout_s: float     # SIGTERM grace before SIGKILL on `stack down`
+
+    def validate(self, key: str) -> None:
+        for name in ("kafka_port", "redis_port", "mlflow_port"):
+            port = getattr(self, name)
+            _check(1024 <= port <= 65535, f"{key}.{name}", f"{port} is not a port in 1024..65535")
+        ports = [self.kafka_port, self.redis_port, self.mlflow_port]
+        _check(len(set(ports)) == 3, f"{key}.*_port", f"ports must differ, got {ports}")
+        _check(self.startup_timeout_s > 0, f"{key}.startup_timeout_s", "must be > 0")
+        _check(self.stop_timeout_s > 0, f"{key}.stop_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    levels: int               # semantic-ID tokens per item
+    codebook_size: int        # upper bound per level; scaled down to the item count
+
+    def validate(self, key: str) -> None:
+        _check(self.levels >= 1, f"{key}.levels", "must be >= 1")
+        _check(self.codebook_size >= 2, f"{key}.codebook_size", "must be >= 2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["v1", "v2"]
+    d_model: int
+    n_heads: int
+    n_layers: int
+    n_experts: int            # 0 = dense FFN
+    top_k_experts: int
+    max_seq_len: int          # behaviour-sequence length fed to the model
+    session_len: int          # items generated per request (M)
+    dropout: float
+
+    def validate(self, key: str) -> None:
+        for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "session_len"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _check(self.d_model % self.n_heads == 0, f"{key}.d_model",
+               f"{self.d_model} is not divisible by n_heads={self.n_heads}")
+        _check(self.n_experts >= 0, f"{key}.n_experts", "must be >= 0")
+        _check(self.n_experts == 0 or 1 <= self.top_k_experts <= self.n_experts,
+               f"{key}.top_k_experts", f"must be in 1..n_experts={self.n_experts}")
+        _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str
+    seed: int
+    data: DataConfig
+    kafka: KafkaConfig
+    stack: StackConfig
+    tokenizer: TokenizerConfig
+    model: ModelConfig
+
+
+# --------------------------------------------------------------------------- building
+
+def _parse_type(tp: Any, value: Any, key: str) -> Any:
+    """Check (and gently coerce int -> float) one value against its annotation."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        _check(value in typing.get_args(tp), key,
+               f"{value!r} is not one of {', '.join(map(repr, typing.get_args(tp)))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _parse_type(inner[0], value, key)
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key,
+               f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")  # a bug in this module, not user error
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "<top level>"
+    _check(isinstance(data, dict), where, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{_join(prefix, close[0])}'?)" if close else ""
+            raise ConfigError(f"config key '{_join(prefix, key)}': unknown key{hint}")
+    missing = [n for n in names if n not in data]
+    _check(not missing, _join(prefix, missing[0]) if missing else where, "missing from the preset")
+    obj = cls(**{n: _parse_type(hints[n], data[n], _join(prefix, n)) for n in names})
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    """`a.b.c=value`; the value is parsed as YAML so numbers, booleans and null work."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}': expected KEY=VALUE, e.g. model.d_model=256")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}': unknown section in override '{override}'")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"config key '{dotted.strip()}': unknown key in override '{override}'")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config key '{dotted.strip()}': cannot parse value {raw!r}: {exc}") from None
+
+
+def preset_path(preset: str) -> Path:
+    """A preset name (`debug`) or a path to a YAML file."""
+    if preset.endswith((".yaml", ".yml")) or os.sep in preset:
+        return Path(preset)
+    return PRESET_DIR / f"{preset}.yaml"
+
+
+def load_config(preset: str = "debug", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = preset_path(preset)
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"config preset '{preset}': no file {path} (presets: {', '.join(known)})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config preset {path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config preset {path}: expected a mapping at the top level")
+    tree.setdefault("preset", path.stem)
+    for override in overrides:
+        _apply_override(tree, override)
+    try:
+        return _build(Config, tree, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} [in {path}]") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict, e.g. to log the resolved config to MLflow."""
+    return dataclasses.asdict(cfg)
