@@ -1,0 +1,36 @@
+"""The main job on the debug preset, through the CLI, on its own ports and state directory."""
+import json
+
+import pytest
+
+from onerec import stack
+from onerec.cli import main
+from tests.conftest import stack_config
+
+pytestmark = pytest.mark.e2e
+
+
+def test_demo_runs_end_to_end_and_reports_figures(tmp_path, capsys):
+    cfg = stack_config(tmp_path / "state")
+    args = ["--config", "debug", "--set", f"stack.state_dir={cfg.stack.state_dir}",
+            "--set", f"stack.kafka_port={cfg.stack.kafka_port}",
+            "--set", f"stack.redis_port={cfg.stack.redis_port}",
+            "--set", f"stack.mlflow_port={cfg.stack.mlflow_port}"]
+    try:
+        assert main(["demo", *args, "--json", str(tmp_path / "demo.json")]) == 0
+        out = capsys.readouterr().out
+        figures = json.loads(out.strip().splitlines()[-1])
+        assert figures == json.loads((tmp_path / "demo.json").read_text())
+        assert figures["users"] == cfg.data.max_users
+        assert figures["train"] + figures["valid"] + figures["test"] == figures["interactions"]
+        assert figures["history_events"] + figures["live_events"] == figures["interactions"]
+        assert figures["published"] == figures["live_events"] > 0
+        assert figures["read_back"] == figures["read_back_valid"] == figures["published"]
+        assert "Not built yet" in out and figures["not_built"]
+
+        import mlflow
+        run = mlflow.MlflowClient(f"http://127.0.0.1:{cfg.stack.mlflow_port}").get_run(figures["mlflow_run_id"])
+        assert run.data.metrics["live_events"] == figures["live_events"]
+        assert main(["stack", "status", *args]) == 0
+    finally:
+        stack.down(cfg)
