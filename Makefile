@@ -11,7 +11,7 @@ TORCH_INDEX_URL ?=
 DEMO_PRESET   ?= small
 TEST_ARGS     ?=
 
-.PHONY: demo test setup stack-down clean
+.PHONY: demo test lint setup stack-down clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(TEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check --select F,E9 onerec serving components pipelines feature_repo tests benchmarks
 
 stack-down: $(STAMP)
 	$(BIN)/onerec stack down --config $(DEMO_PRESET)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +24,13 @@ def stack_config(state_dir, *overrides: str) -> Config:
 @pytest.fixture
 def debug_config() -> Config:
     return load_config("debug")
+
+
+def data_root() -> Path:
+    """The shared data; missing data is a failure (the tests would prove nothing), not a skip."""
+    root = load_config("debug").data.root_path()
+    for f in ("ml-100k/u.data", "amazon-s3rec/Beauty.txt"):
+        if not (root / f).is_file():
+            pytest.fail(f"shared data not found: {root / f}; set ONEREC_DATA_ROOT (or data.root in "
+                        "configs/debug.yaml) to the folder holding ml-100k/ and amazon-s3rec/")
+    return root

@@ -115,7 +115,7 @@ def event_from_dict(d: dict, now_ms: int | None = None) -> UserEvent:
         raise _missing("schema_version", f"every event names its schema; this reader knows {SCHEMA_VERSION}")
     if not 1 <= (version := _int(d, "schema_version", -MAX_INT64, MAX_INT64)) <= SCHEMA_VERSION:
         raise EventValidationError("unsupported_version", "schema_version", f"{version} is not supported "
-                                   f"(this reader knows 1..{SCHEMA_VERSION}); upgrade the consumer")
+                                   f"(this reader knows 1..{SCHEMA_VERSION}; newer needs a newer consumer)")
     if not _KNOWN.issuperset(d):  # (cheaper than building the set difference on every event)
         name = str(min((k for k in d if k not in _KNOWN), key=str))[:MAX_CONTEXT_KEY_CHARS]  # stable
         raise EventValidationError("unknown_field", name,

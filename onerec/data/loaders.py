@@ -325,7 +325,6 @@ def load_generic(path: Path) -> Dataset:
         df.columns = [str(c).strip() for c in df.columns]
         offset, unit = 2, "line"
     elif suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq  # only needed here
         try:
             df = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises several types for a corrupt file

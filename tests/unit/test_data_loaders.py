@@ -12,21 +12,12 @@ import pandas as pd
 import pytest
 
 from onerec.config import load_config
+from tests.conftest import data_root
 from onerec.data import (DataError, load_amazon_beauty, load_dataset, load_generic,
                          load_movielens_100k)
 
 CANONICAL = ["user_id", "item_id", "timestamp", "rating", "play_duration", "item_duration", "label"]
 DTYPES = ["int64", "int64", "int64", "float32", "float32", "float32", "float32"]
-
-
-def data_root() -> Path:
-    """The shared data; missing data is a failure (the tests would prove nothing), not a skip."""
-    root = load_config("debug").data.root_path()
-    for f in ("ml-100k/u.data", "amazon-s3rec/Beauty.txt"):
-        if not (root / f).is_file():
-            pytest.fail(f"shared data not found: {root / f}; set ONEREC_DATA_ROOT (or data.root in "
-                        "configs/debug.yaml) to the folder holding ml-100k/ and amazon-s3rec/")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,14 @@
 """describe / format_table on the real data sets and a tiny hand-made one."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from onerec.config import load_config
+from tests.conftest import data_root
 from onerec.data import Dataset, describe, load_amazon_beauty, load_movielens_100k
 from onerec.data.describe import format_table
-
-
-def data_root() -> Path:
-    root = load_config("debug").data.root_path()
-    for f in ("ml-100k/u.data", "amazon-s3rec/Beauty.txt"):
-        if not (root / f).is_file():
-            pytest.fail(f"shared data not found: {root / f}; set ONEREC_DATA_ROOT (or data.root in "
-                        "configs/debug.yaml) to the folder holding ml-100k/ and amazon-s3rec/")
-    return root
 
 
 def test_describe_movielens():

@@ -1,23 +1,13 @@
 """Splits: leave-last-out without leakage, and a clean time cut with the live part in replay order."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from onerec.config import load_config
+from tests.conftest import data_root
 from onerec.data import DataError, leave_last_out, load_amazon_beauty, load_movielens_100k, time_split
-
-
-def data_root() -> Path:
-    root = load_config("debug").data.root_path()
-    for f in ("ml-100k/u.data", "amazon-s3rec/Beauty.txt"):
-        if not (root / f).is_file():
-            pytest.fail(f"shared data not found: {root / f}; set ONEREC_DATA_ROOT (or data.root in "
-                        "configs/debug.yaml) to the folder holding ml-100k/ and amazon-s3rec/")
-    return root
 
 
 @pytest.fixture(scope="module")
