@@ -97,6 +97,36 @@ class StackConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    sequence_length: int       # N: the user's last N events kept as list features
+    popularity_window_s: int   # item popularity counts events this close to the item's latest one
+    dedup_ttl_s: int           # how long an event id is remembered to drop redeliveries
+
+    def validate(self, key: str) -> None:
+        for name in ("sequence_length", "popularity_window_s", "dedup_ttl_s"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    group_id: str              # Kafka consumer group shared by all ingestor instances
+    max_poll_records: int      # upper bound of one batch
+    poll_timeout_ms: int       # how long a poll waits for records: bounds the added latency
+    offline_flush_s: float     # offline rows are written (and offsets committed) this often
+    metrics_port: int          # Prometheus /metrics; 0 = off
+    max_backoff_s: float       # retry back-off cap while Redis or Kafka is unavailable
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.group_id), f"{key}.group_id", "must not be empty")
+        _check(self.max_poll_records >= 1, f"{key}.max_poll_records", "must be >= 1")
+        _check(self.poll_timeout_ms >= 1, f"{key}.poll_timeout_ms", "must be >= 1")
+        _check(self.offline_flush_s > 0, f"{key}.offline_flush_s", "must be > 0")
+        _check(self.metrics_port == 0 or 1024 <= self.metrics_port <= 65535, f"{key}.metrics_port",
+               "must be 0 (off) or a port in 1024..65535")
+        _check(self.max_backoff_s > 0, f"{key}.max_backoff_s", "must be > 0")
+
+
+@dataclass(frozen=True)
 class TokenizerConfig:
     levels: int               # semantic-ID tokens per item
     codebook_size: int        # upper bound per level; scaled down to the item count
@@ -136,6 +166,8 @@ class Config:
     data: DataConfig
     kafka: KafkaConfig
     stack: StackConfig
+    features: FeaturesConfig
+    ingest: IngestConfig
     tokenizer: TokenizerConfig
     model: ModelConfig
 

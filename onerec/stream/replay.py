@@ -7,6 +7,7 @@ Records are keyed by user id: Kafka keeps one user's events in order within a pa
 from __future__ import annotations
 
 import math
+import time
 from typing import Iterable, Iterator
 
 import pandas as pd
@@ -56,3 +57,42 @@ def publish(events: Iterable[UserEvent], bootstrap: str, topic: str, total: int 
     finally:
         producer.close()
     return len(futures)
+
+
+def parse_speed(text: str) -> float:
+    """`100x` or `100` -> 100.0 (event time runs 100 times faster than wall time)."""
+    try:
+        speed = float(text.lower().removesuffix("x"))
+    except ValueError:
+        raise ValueError(f"--speed {text!r}: expected a factor such as 100x") from None
+    if not speed > 0:
+        raise ValueError(f"--speed {text!r}: must be > 0")
+    return speed
+
+
+def paced(events: Iterable[UserEvent], speed: float | None) -> Iterator[UserEvent]:
+    """Yield events no faster than event time / speed (None: as fast as possible)."""
+    start_wall, start_event = time.monotonic(), None
+    for event in events:
+        if speed is not None:
+            start_event = event.event_time_ms if start_event is None else start_event
+            due = start_wall + (event.event_time_ms - start_event) / 1000.0 / speed
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
+        yield event
+
+
+def replay(cfg, bootstrap: str, speed: float | None, limit: int | None = None, progress: bool = True) -> dict:
+    """Publish the data set's live part (events from T0 on) in event-time order."""
+    from onerec.data import load_dataset, time_split
+
+    dataset = load_dataset(cfg.data)
+    live = time_split(dataset.interactions, cfg.data.live_fraction).live
+    live = live if limit is None else live.iloc[:limit]
+    started = time.monotonic()
+    sent = publish(paced(interaction_events(live, dataset.name), speed), bootstrap,
+                   cfg.kafka.user_events.name, total=len(live), progress=progress)
+    seconds = time.monotonic() - started
+    return {"published": sent, "topic": cfg.kafka.user_events.name, "seconds": round(seconds, 2),
+            "events_per_s": round(sent / seconds) if seconds else None,
+            "speed": "max" if speed is None else f"{speed:g}x"}

@@ -1,0 +1,191 @@
+"""The feature logic: events -> per-user and per-item state -> feature rows.
+
+One code path for streaming and backfill: both call `FeatureState.apply(events)` on batches in
+event order, then `rows(...)` for the entities the batch touched. The state lives in Redis (not in
+the process), updated by one Lua script per batch, so that:
+  - an event id already applied is skipped in the same atomic step that applies it
+    (redelivered events never double-count, whatever the crash point);
+  - several ingestor instances can update the same item concurrently;
+  - a restarted ingestor continues where the state is, not where its memory was.
+Feast's online store is a projection of this state: rows are re-pushed for every touched entity,
+so a batch that was applied but not pushed before a crash is pushed again on redelivery.
+
+Keys (prefix `onerec:fs:`): seen:<event_id> (string, TTL), u:<user> (hash), useq:<user> (list,
+newest first, trimmed to N), i:<item> (hash), iwin:<item> (sorted set of event ids by time).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from onerec.config import FeaturesConfig
+from onerec.data.events import UserEvent
+from onerec.features.schema import CREATED_TS, EVENT_TS, ITEM_STATS, USER_AGGREGATES, USER_SEQUENCE
+
+PREFIX = "onerec:fs:"
+ARGS_PER_EVENT = 8
+
+# ARGV: prefix, sequence_length, dedup_ttl_s, window_ms, then per event: event_id, user, item,
+# type, time_ms, play_s, watch_ratio, rating ('' when absent). Returns how many were new.
+APPLY_LUA = """
+local p, n, ttl, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local applied = 0
+for i = 5, #ARGV, 8 do
+  local eid, user, item, etype, t = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  local play, ratio, rating = ARGV[i+5], ARGV[i+6], ARGV[i+7]
+  if redis.call('SET', p .. 'seen:' .. eid, '1', 'NX', 'EX', ttl) then
+    applied = applied + 1
+    local u, it, tn = p .. 'u:' .. user, p .. 'i:' .. item, tonumber(t)
+    redis.call('HINCRBY', u, 'events', 1)
+    if tn > tonumber(redis.call('HGET', u, 'last_ms') or '-1') then redis.call('HSET', u, 'last_ms', t) end
+    if tn > tonumber(redis.call('HGET', it, 'last_ms') or '-1') then redis.call('HSET', it, 'last_ms', t) end
+    if etype == 'impression' then
+      redis.call('HINCRBY', it, 'exposures', 1)
+    else
+      redis.call('LPUSH', p .. 'useq:' .. user, item .. ',' .. t .. ',' .. rating .. ',' .. play .. ',' .. ratio)
+      redis.call('LTRIM', p .. 'useq:' .. user, 0, n - 1)
+      redis.call('HINCRBY', it, 'interactions', 1)
+      redis.call('ZADD', p .. 'iwin:' .. item, tn, eid)
+    end
+    -- the window ends at the item's latest event of any type; trimmed on every event so the
+    -- result does not depend on arrival order
+    local cutoff = tonumber(redis.call('HGET', it, 'last_ms')) - window
+    redis.call('ZREMRANGEBYSCORE', p .. 'iwin:' .. item, '-inf', '(' .. string.format('%d', cutoff))
+    if etype == 'play' then
+      redis.call('HINCRBY', u, 'plays', 1)
+      redis.call('HINCRBY', it, 'plays', 1)
+      redis.call('HINCRBYFLOAT', u, 'watch_s', play)
+    end
+    if rating ~= '' then
+      redis.call('HINCRBY', u, 'ratings', 1)
+      redis.call('HINCRBYFLOAT', u, 'rating_sum', rating)
+      redis.call('HINCRBY', it, 'ratings', 1)
+      redis.call('HINCRBYFLOAT', it, 'rating_sum', rating)
+    end
+    if ratio ~= '' then
+      redis.call('HINCRBY', it, 'ratio_n', 1)
+      redis.call('HINCRBYFLOAT', it, 'ratio_sum', ratio)
+    end
+  end
+end
+return applied
+"""
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def watch_ratio(event: UserEvent) -> float | None:
+    if event.play_duration_s is None or not event.item_duration_s:
+        return None
+    return event.play_duration_s / event.item_duration_s
+
+
+@dataclass
+class Touched:
+    users: set[int]
+    items: set[int]
+    applied: int  # events that were new (not redeliveries)
+
+
+class FeatureState:
+    def __init__(self, client, cfg: FeaturesConfig):
+        self.client = client  # a redis.Redis
+        self.cfg = cfg
+        self._apply = client.register_script(APPLY_LUA)
+
+    def apply(self, events: Sequence[UserEvent]) -> Touched:
+        """Apply a batch in order (callers keep each user's events in event-time order)."""
+        args: list = [PREFIX, self.cfg.sequence_length, self.cfg.dedup_ttl_s,
+                      self.cfg.popularity_window_s * 1000]
+        for e in events:
+            args += [e.event_id, e.user_id, e.item_id, e.event_type, e.event_time_ms,
+                     _num(e.play_duration_s), _num(watch_ratio(e)), _num(e.rating)]
+        applied = int(self._apply(args=args)) if events else 0
+        return Touched({e.user_id for e in events}, {e.item_id for e in events}, applied)
+
+    def rows(self, users: set[int], items: set[int]) -> dict[str, pd.DataFrame]:
+        """The current feature rows of these entities, one DataFrame per view (schema order)."""
+        users_sorted, items_sorted = sorted(users), sorted(items)
+        pipe = self.client.pipeline(transaction=False)
+        for u in users_sorted:
+            pipe.hgetall(f"{PREFIX}u:{u}")
+            pipe.lrange(f"{PREFIX}useq:{u}", 0, -1)
+        for i in items_sorted:
+            pipe.hgetall(f"{PREFIX}i:{i}")
+            pipe.zcard(f"{PREFIX}iwin:{i}")
+        replies = pipe.execute()
+        created = pd.Timestamp(int(time.time() * 1e6), unit="us", tz="UTC")  # parquet stores microseconds
+        user_replies = replies[: 2 * len(users_sorted)]
+        item_replies = replies[2 * len(users_sorted):]
+        seq_rows, agg_rows, item_rows = [], [], []
+        for u, state, seq in zip(users_sorted, user_replies[0::2], user_replies[1::2]):
+            if state:
+                seq_rows.append(_sequence_row(u, state, seq))
+                agg_rows.append(_aggregate_row(u, state))
+        for i, state, window in zip(items_sorted, item_replies[0::2], item_replies[1::2]):
+            if state:
+                item_rows.append(_item_row(i, state, window))
+        return {view.name: _frame(rows, view.columns, created)
+                for view, rows in ((USER_SEQUENCE, seq_rows), (USER_AGGREGATES, agg_rows),
+                                   (ITEM_STATS, item_rows))}
+
+    def state_user_ids(self) -> list[int]:
+        return sorted(int(k.rsplit(b":", 1)[1]) for k in self.client.scan_iter(f"{PREFIX}u:*", count=1000))
+
+    def state_item_ids(self) -> list[int]:
+        return sorted(int(k.rsplit(b":", 1)[1]) for k in self.client.scan_iter(f"{PREFIX}i:*", count=1000))
+
+
+def _f(state: dict, key: str) -> float:
+    return float(state.get(key.encode(), 0))
+
+
+def _mean(total: float, count: float) -> float:
+    return total / count if count else 0.0
+
+
+def _ms_to_ts(ms: float) -> pd.Timestamp:
+    return pd.Timestamp(int(ms), unit="ms", tz="UTC")
+
+
+def _sequence_row(user: int, state: dict, packed: list[bytes]) -> dict:
+    entries = [p.decode().split(",") for p in reversed(packed)]  # oldest first
+    as_float = lambda s: float(s) if s else 0.0  # noqa: E731  (absent -> 0.0, see schema.py)
+    return {"user_id": user,
+            "seq_item_ids": [int(e[0]) for e in entries],
+            "seq_event_times_ms": [int(e[1]) for e in entries],
+            "seq_ratings": [as_float(e[2]) for e in entries],
+            "seq_play_s": [as_float(e[3]) for e in entries],
+            "seq_watch_ratios": [as_float(e[4]) for e in entries],
+            EVENT_TS: _ms_to_ts(_f(state, "last_ms"))}
+
+
+def _aggregate_row(user: int, state: dict) -> dict:
+    plays, watch = _f(state, "plays"), _f(state, "watch_s")
+    return {"user_id": user, "event_count": int(_f(state, "events")), "play_count": int(plays),
+            "rating_count": int(_f(state, "ratings")),
+            "mean_rating": _mean(_f(state, "rating_sum"), _f(state, "ratings")),
+            "total_watch_s": watch, "mean_watch_s": _mean(watch, plays),
+            "last_active_ms": int(_f(state, "last_ms")), EVENT_TS: _ms_to_ts(_f(state, "last_ms"))}
+
+
+def _item_row(item: int, state: dict, window: int) -> dict:
+    return {"item_id": item, "exposures": int(_f(state, "exposures")),
+            "interactions": int(_f(state, "interactions")), "plays": int(_f(state, "plays")),
+            "rating_count": int(_f(state, "ratings")),
+            "mean_rating": _mean(_f(state, "rating_sum"), _f(state, "ratings")),
+            "mean_watch_ratio": _mean(_f(state, "ratio_sum"), _f(state, "ratio_n")),
+            "popularity_window": int(window), "last_event_ms": int(_f(state, "last_ms")),
+            EVENT_TS: _ms_to_ts(_f(state, "last_ms"))}
+
+
+def _frame(rows: list[dict], columns: list[str], created: pd.Timestamp) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=[c for c in columns if c != CREATED_TS])
+    df[CREATED_TS] = created
+    return df[columns].astype({c: np.int64 for c in columns[:1]})

@@ -1,0 +1,113 @@
+"""Feast access: open the store from the environment, apply the repo, write rows, read them back.
+
+Layout under ONEREC_FEAST_DIR (default `<stack.state_dir>/feast`): `registry.db` and
+`offline/<view>/part-*.parquet`. Offline rows are appended as new parquet parts written to a
+temporary name and renamed, so a crash never leaves a half-written file (Feast's own file-store
+push rewrites the whole file on every call, which is quadratic and not crash-safe).
+"""
+from __future__ import annotations
+
+import os
+import string
+import sys
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from onerec.config import PROJECT_ROOT, Config
+from onerec.endpoints import REDIS_URL, resolve_endpoints
+from onerec.features.schema import CREATED_TS, EVENT_TS, VIEWS, View
+
+FEATURE_REPO = PROJECT_ROOT / "feature_repo"
+FEAST_DIR_VAR = "ONEREC_FEAST_DIR"
+
+ARROW_TYPES = {"int64": pa.int64(), "float32": pa.float32(), "float64": pa.float64(),
+               "int64[]": pa.list_(pa.int64()), "float32[]": pa.list_(pa.float32())}
+
+
+def feast_dir(cfg: Config) -> Path:
+    return Path(os.environ.get(FEAST_DIR_VAR) or Path(cfg.stack.state_dir) / "feast").resolve()
+
+
+def feast_redis(redis_url: str) -> str:
+    """redis://host:port/db -> Feast's `host:port,db=N` connection string."""
+    url = urlparse(redis_url)
+    if url.scheme not in ("redis", "rediss") or not url.hostname:
+        raise ValueError(f"{REDIS_URL}={redis_url!r} is not a redis:// URL")
+    options = [f"db={url.path.lstrip('/') or 0}"]
+    if url.password:
+        options.append(f"password={url.password}")
+    if url.scheme == "rediss":
+        options.append("ssl=true")
+    return ",".join([f"{url.hostname}:{url.port or 6379}", *options])
+
+
+def open_store(cfg: Config):
+    """A FeatureStore for feature_repo/, with endpoints from the environment / stack env file."""
+    import yaml
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
+
+    root = feast_dir(cfg)
+    values = {"FEAST_REDIS": feast_redis(resolve_endpoints(cfg.stack.state_dir).require(REDIS_URL)),
+              FEAST_DIR_VAR: str(root)}
+    text = string.Template((FEATURE_REPO / "feature_store.yaml").read_text()).substitute(values)
+    repo_config = RepoConfig(**yaml.safe_load(text))
+    repo_config.repo_path = root  # relative offline paths (offline/<view>) resolve under the feast dir
+    return FeatureStore(config=repo_config)
+
+
+def arrow_schema(view: View) -> pa.Schema:
+    return pa.schema([pa.field(view.join_key, pa.int64()),
+                      *[pa.field(n, ARROW_TYPES[t]) for n, t in view.fields],
+                      pa.field(EVENT_TS, pa.timestamp("us", tz="UTC")),
+                      pa.field(CREATED_TS, pa.timestamp("us", tz="UTC"))])
+
+
+def write_offline(cfg: Config, view: View, rows: pd.DataFrame) -> Path | None:
+    """Append rows to the view's offline source as one new parquet part (atomic rename)."""
+    if rows.empty:
+        return None
+    folder = feast_dir(cfg) / "offline" / view.name
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(rows[view.columns], schema=arrow_schema(view), preserve_index=False)
+    name = f"part-{pd.Timestamp.now(tz='UTC').strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet"
+    tmp = folder / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(folder / name)
+    return folder / name
+
+
+def apply_repo(cfg: Config) -> list[str]:
+    """`feast apply` for feature_repo/: registers entities, views and services; creates the
+    offline folders with an empty part so Feast can read their schema before any data."""
+    from feast.repo_operations import _get_repo_contents, apply_total_with_repo_instance
+
+    store = open_store(cfg)
+    for view in VIEWS:
+        folder = feast_dir(cfg) / "offline" / view.name
+        folder.mkdir(parents=True, exist_ok=True)
+        if not any(folder.glob("*.parquet")):
+            pq.write_table(arrow_schema(view).empty_table(), folder / "part-00000000-empty.parquet")
+    # Feast imports the repo's files as top-level modules named relative to the cwd.
+    cwd, sys.path[:0] = os.getcwd(), [str(FEATURE_REPO)]
+    try:
+        os.chdir(FEATURE_REPO)
+        repo = _get_repo_contents(FEATURE_REPO, store.config.project, store.config)
+    finally:
+        os.chdir(cwd)
+        sys.path.remove(str(FEATURE_REPO))
+    apply_total_with_repo_instance(store, store.config.project, store.registry, repo,
+                                   skip_source_validation=True)
+    return sorted([*(v.name for v in repo.feature_views), *(s.name for s in repo.feature_services)])
+
+
+def push_online(store, view: View, rows: pd.DataFrame) -> None:
+    from feast.data_source import PushMode
+
+    if not rows.empty:
+        store.push(view.push_source, rows[view.columns], to=PushMode.ONLINE)

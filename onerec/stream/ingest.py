@@ -1,0 +1,236 @@
+"""`onerec ingest`: Kafka `user-events` -> validated -> feature state -> Feast online + offline.
+
+A consumer-group member: run several and they share the partitions. Per poll batch:
+  1. parse + validate each record; invalid ones go to `user-events-dlq` with the reason in
+     record headers (and the original partition/offset), and the loop keeps going;
+  2. apply the valid events to the feature state (Redis, idempotent by event id) and push the
+     touched entities' rows to Feast online (fresh within the poll interval);
+  3. every `ingest.offline_flush_s`: write the buffered rows to the offline store, flush the DLQ
+     producer, and only then commit the offsets. A crash anywhere redelivers the uncommitted
+     events, which change nothing (seen ids) but get their entities' rows pushed again.
+While Redis or Feast fails, the batch is retried with exponential back-off and the partitions are
+paused (the consumer keeps polling, so it stays in the group); nothing is committed meanwhile.
+SIGTERM/SIGINT: finish the batch, flush, commit, leave the group.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from onerec.config import Config
+from onerec.data.events import EventValidationError, dlq_headers, parse_event
+from onerec.features import store as feast_store
+from onerec.features.schema import VIEWS
+from onerec.features.state import FeatureState
+
+GROUP_TIMEOUTS = dict(session_timeout_ms=6000, heartbeat_interval_ms=1000, max_poll_interval_ms=60000)
+
+
+@dataclass
+class IngestStats:
+    consumed: int = 0      # records read from Kafka (redeliveries included)
+    written: int = 0       # valid events whose features are in the stores
+    dlq: int = 0           # invalid records sent to the DLQ
+    duplicates: int = 0    # valid events already applied before (redeliveries, producer retries)
+    batches: int = 0
+    retries: int = 0
+    dlq_reasons: dict = field(default_factory=lambda: defaultdict(int))
+
+    def as_dict(self) -> dict:
+        return {"consumed": self.consumed, "written": self.written, "dlq": self.dlq,
+                "duplicates": self.duplicates, "batches": self.batches, "retries": self.retries,
+                "dlq_reasons": dict(self.dlq_reasons)}
+
+
+class Metrics:
+    """Prometheus metrics on a registry of their own (several ingestors can share a process)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.consumed = Counter("onerec_ingest_consumed", "records read from Kafka", registry=self.registry)
+        self.written = Counter("onerec_ingest_written", "valid events written to the feature stores",
+                               registry=self.registry)
+        self.dlq = Counter("onerec_ingest_dlq", "invalid records sent to the DLQ", ["reason"],
+                           registry=self.registry)
+        self.duplicates = Counter("onerec_ingest_duplicates", "redelivered events skipped", registry=self.registry)
+        self.lag = Gauge("onerec_ingest_consumer_lag", "records behind the partition end", ["partition"],
+                         registry=self.registry)
+        self.freshness = Histogram("onerec_ingest_freshness_seconds", "Kafka record time -> online in Feast",
+                                   buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
+                                   registry=self.registry)
+
+    def serve(self, port: int) -> None:
+        from prometheus_client import start_http_server
+        start_http_server(port, registry=self.registry)
+
+
+class Ingestor:
+    def __init__(self, cfg: Config, bootstrap: str, redis_client, feature_store, metrics: Metrics | None = None):
+        self.cfg, self.bootstrap = cfg, bootstrap
+        self.state = FeatureState(redis_client, cfg.features)
+        self.store = feature_store
+        self.metrics = metrics or Metrics()
+        self.stats = IngestStats()
+        self.stop = threading.Event()
+        self._rows: dict[str, list[pd.DataFrame]] = defaultdict(list)  # offline rows not yet written
+        self._offsets: dict = {}                                        # next offsets not yet committed
+        self._last_flush = time.monotonic()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, idle_exit_s: float | None = None, max_records: int | None = None) -> IngestStats:
+        """Consume until stopped (SIGTERM, `stop`), idle for `idle_exit_s`, or `max_records` read."""
+        from kafka import KafkaConsumer, KafkaProducer
+        from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+        ingestor = self
+
+        class FlushOnRevoke(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                ingestor._flush(consumer, dlq)  # commit what we did before another member takes over
+
+            def on_partitions_assigned(self, assigned):
+                pass
+
+        c = self.cfg.ingest
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=c.group_id,
+                                 enable_auto_commit=False, auto_offset_reset="earliest",
+                                 max_poll_records=c.max_poll_records, client_id="onerec-ingest",
+                                 **GROUP_TIMEOUTS)
+        consumer.subscribe([self.cfg.kafka.user_events.name], listener=FlushOnRevoke())
+        dlq = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5, retries=5)
+        last_record = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                batch = consumer.poll(timeout_ms=c.poll_timeout_ms)
+                if batch or not consumer.assignment():  # idle time counts once we own partitions
+                    last_record = time.monotonic()
+                if batch:
+                    self._process(batch, consumer, dlq)
+                    self._update_lag(consumer)
+                if time.monotonic() - self._last_flush >= c.offline_flush_s:
+                    self._flush(consumer, dlq)
+                if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
+                    break
+                if max_records is not None and self.stats.consumed >= max_records:
+                    break
+            self._flush(consumer, dlq)
+        finally:
+            dlq.close()
+            _close_after_join(consumer)
+        return self.stats
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+
+    # ------------------------------------------------------------------ one batch
+    def _process(self, batch: dict, consumer, dlq) -> None:
+        events, record_times = [], []
+        for tp, records in batch.items():  # each partition's records in offset order
+            for record in records:
+                self.stats.consumed += 1
+                try:
+                    events.append(parse_event(record.value))
+                    record_times.append(record.timestamp / 1000.0)
+                except EventValidationError as err:
+                    self._to_dlq(dlq, record, err)
+            self._offsets[tp] = records[-1].offset + 1
+        self.metrics.consumed.inc(sum(len(r) for r in batch.values()))
+        if events:
+            touched = self._with_retry(lambda: self._write_online(events), consumer)
+            pushed_at = time.time()
+            for t in record_times:
+                self.metrics.freshness.observe(max(0.0, pushed_at - t))
+            self.stats.written += len(events)
+            self.stats.duplicates += len(events) - touched
+            self.metrics.written.inc(len(events))
+            self.metrics.duplicates.inc(len(events) - touched)
+        self.stats.batches += 1
+
+    def _write_online(self, events) -> int:
+        touched = self.state.apply(events)
+        rows = self.state.rows(touched.users, touched.items)
+        for view in VIEWS:
+            feast_store.push_online(self.store, view, rows[view.name])
+            self._rows[view.name].append(rows[view.name])
+        return touched.applied
+
+    def _to_dlq(self, dlq, record, err: EventValidationError) -> None:
+        headers = dlq_headers(err) + [("source.partition", str(record.partition).encode()),
+                                      ("source.offset", str(record.offset).encode())]
+        dlq.send(self.cfg.kafka.dlq.name, key=record.key, value=record.value, headers=headers)
+        self.stats.dlq += 1
+        self.stats.dlq_reasons[err.reason] += 1
+        self.metrics.dlq.labels(err.reason).inc()
+
+    def _with_retry(self, action, consumer):
+        """Retry until it works or we are stopped; pause partitions meanwhile to stay in the group."""
+        backoff = 0.1
+        while True:
+            try:
+                result = action()
+                if consumer.paused():
+                    consumer.resume(*consumer.paused())
+                return result
+            except Exception as exc:  # Redis/Feast down: the batch is not committed, so retry it
+                if self.stop.is_set():
+                    raise RuntimeError("stopped while the feature stores were unavailable; "
+                                       "the batch was not committed and will be redelivered") from exc
+                self.stats.retries += 1
+                print(f"ingest: write failed ({type(exc).__name__}: {exc}); retrying in {backoff:.1f}s",
+                      flush=True)
+                consumer.pause(*consumer.assignment())
+                consumer.poll(timeout_ms=0)  # keeps the group membership alive; paused -> no records
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, self.cfg.ingest.max_backoff_s)
+
+    # ------------------------------------------------------------------ durability
+    def _flush(self, consumer, dlq) -> None:
+        """Offline rows, then DLQ, then offsets: a commit always follows the writes it covers."""
+        from kafka.structs import OffsetAndMetadata
+
+        for view in VIEWS:
+            if self._rows[view.name]:
+                frame = pd.concat(self._rows[view.name], ignore_index=True)
+                self._with_retry(lambda: feast_store.write_offline(self.cfg, view, frame), consumer)
+                self._rows[view.name] = []
+        dlq.flush()
+        if self._offsets:
+            consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in self._offsets.items()})
+            self._offsets = {}
+        self._last_flush = time.monotonic()
+
+    def _update_lag(self, consumer) -> None:
+        # Tansu reports highwater as the last batch's base offset, so the lag can read a little low.
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(0, high - consumer.position(tp)))
+
+
+def _close_after_join(consumer, wait_s: float = 15.0) -> None:
+    """Tansu leaves a group stuck for good when a member sends LeaveGroup in the middle of its
+    join, so a member stopped that early first finishes joining. Records polled here are not
+    processed and not committed: the group gets them again."""
+    deadline = time.monotonic() + wait_s
+    while not consumer.assignment() and time.monotonic() < deadline:
+        consumer.poll(timeout_ms=100)
+    consumer.close()
+
+
+def open_ingestor(cfg: Config) -> Ingestor:
+    """An ingestor wired to the endpoints in the environment / the stack's env file."""
+    import redis
+
+    from onerec.endpoints import KAFKA_BOOTSTRAP, REDIS_URL, resolve_endpoints
+
+    endpoints = resolve_endpoints(cfg.stack.state_dir)
+    client = redis.Redis.from_url(endpoints.require(REDIS_URL), socket_timeout=5, socket_connect_timeout=2)
+    return Ingestor(cfg, endpoints.require(KAFKA_BOOTSTRAP), client, feast_store.open_store(cfg))

@@ -1,0 +1,106 @@
+"""The Kubernetes manifests under infra/ agree with the `full` preset and the endpoint names.
+
+Pure: reads files only (no cluster, no kustomize binary).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from onerec.config import PROJECT_ROOT, load_config
+from onerec.endpoints import ENDPOINT_VARS
+
+INFRA = PROJECT_ROOT / "infra"
+YAML_FILES = sorted(p for ext in ("*.yaml", "*.yml") for p in INFRA.rglob(ext))
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _kind(kind: str) -> list[dict]:
+    return [d for p in YAML_FILES for d in _docs(p) if d.get("kind") == kind]
+
+
+def _one(kind: str, name: str) -> dict:
+    found = [d for d in _kind(kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} '{name}' under infra/, found {len(found)}"
+    return found[0]
+
+
+def _ingestor_container() -> dict:
+    (container,) = _one("Deployment", "onerec-ingestor")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_yaml_files_exist_and_parse():
+    assert len(YAML_FILES) >= 10, f"too few manifests under {INFRA}"
+    for path in YAML_FILES:
+        for doc in _docs(path):
+            assert isinstance(doc, dict) and "kind" in doc, f"{path}: a document without `kind`"
+
+
+@pytest.mark.parametrize("kustomization", sorted(INFRA.rglob("kustomization.yaml")),
+                         ids=lambda p: str(p.parent.relative_to(INFRA)))
+def test_kustomization_resources_exist(kustomization):
+    resources = _docs(kustomization)[0]["resources"]
+    for res in resources:
+        target = (kustomization.parent / res).resolve()
+        ok = target.is_file() or (target / "kustomization.yaml").is_file()
+        assert ok, f"{kustomization}: resource '{res}' is neither a file nor a kustomization folder"
+
+
+def test_prod_overlay_composes_every_part():
+    resources = _docs(INFRA / "overlays/prod/kustomization.yaml")[0]["resources"]
+    assert {Path(r).name for r in resources} >= {"base", "kafka", "redis", "ingestor"}
+
+
+def test_kafka_topics_equal_the_full_preset():
+    cfg = load_config("full").kafka
+    topics = {t["spec"].get("topicName", t["metadata"]["name"]): t for t in _kind("KafkaTopic")}
+    assert set(topics) == {t.name for t in cfg.topics()}, "KafkaTopic names != configs/full.yaml kafka:"
+    for want in cfg.topics():
+        got = topics[want.name]
+        assert got["spec"]["partitions"] == want.partitions, f"topic {want.name}: partitions"
+        assert got["metadata"]["labels"]["strimzi.io/cluster"] == "onerec-kafka"
+
+
+def test_kafka_cluster_matches_the_bootstrap_endpoint():
+    _one("Kafka", "onerec-kafka")
+    bootstrap = _one("ConfigMap", "onerec-endpoints")["data"]["KAFKA_BOOTSTRAP"]
+    assert bootstrap.startswith("onerec-kafka-kafka-bootstrap.kafka.svc:")  # Strimzi's service name
+
+
+def test_redis_service_matches_the_redis_url():
+    port = _one("Service", "onerec-redis")["spec"]["ports"][0]["port"]
+    assert f"onerec-redis.onerec.svc:{port}/" in _one("ConfigMap", "onerec-endpoints")["data"]["REDIS_URL"]
+
+
+def test_endpoints_configmap_holds_every_endpoint_var():
+    data = _one("ConfigMap", "onerec-endpoints")["data"]
+    assert set(ENDPOINT_VARS) <= set(data), f"missing: {set(ENDPOINT_VARS) - set(data)}"
+
+
+def test_ingestor_runs_ingest_and_exposes_the_metrics_port():
+    ingest = load_config("full").ingest
+    container = _ingestor_container()
+    assert "ingest" in container["command"]
+    assert {"configMapRef": {"name": "onerec-endpoints"}} in container["envFrom"]
+    assert [p["containerPort"] for p in container["ports"] if p["name"] == "metrics"] == [ingest.metrics_port]
+    annotations = _one("Deployment", "onerec-ingestor")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ingest.metrics_port)
+
+
+def test_ingestor_replicas_do_not_exceed_partitions():
+    replicas = _one("Deployment", "onerec-ingestor")["spec"]["replicas"]
+    assert replicas <= load_config("full").kafka.user_events.partitions, "extra replicas would sit idle"
+
+
+def test_dockerfile_copies_existing_paths():
+    lines = (INFRA / "docker/Dockerfile").read_text().splitlines()
+    sources = [s for line in lines if line.startswith("COPY ") for s in line.split()[1:-1]]
+    assert sources, "the Dockerfile copies nothing"
+    for src in sources:
+        assert (PROJECT_ROOT / src).exists(), f"infra/docker/Dockerfile: COPY {src} does not exist"
