@@ -52,6 +52,7 @@ WARMUP_EVENTS = 200          # (c): events sent (and seen online) before the tim
 WARMUP_SKIP_S = 2.0          # (c): no samples in the first seconds of the timed run
 VISIBLE_TIMEOUT_S = 15.0     # (c): a sample not visible this long after the end counts as lost
 JOIN_TIMEOUT_S = 60.0        # any consumer-group join
+POLL_INTERVAL_S = 0.005      # (c): the reader's pause between online lookups (the resolution)
 CHILD_START_TIMEOUT_S = 120.0
 
 
@@ -299,7 +300,7 @@ def freshness(cfg, overrides: list[str], preset: str, bootstrap: str, events, ra
                         for s in done:
                             pending.remove(s)
                             latencies.append(now - s[2])
-                time.sleep(0.001)
+                time.sleep(POLL_INTERVAL_S)
 
         poll_thread = threading.Thread(target=poller, name="poller", daemon=True)
         poll_thread.start()
@@ -372,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(143)  # unwinds through the finally below: the stack is always stopped
     signal.signal(signal.SIGTERM, on_term)
 
+    load_start = round(os.getloadavg()[0], 2)  # other work on the machine skews every figure
     tmp = Path(tempfile.mkdtemp(prefix="onerec-bench-ingest-"))
     tag = uuid.uuid4().hex[:8]
     base = [f"stack.state_dir={tmp / 'stack'}",
@@ -443,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         "freshness_max_ms": fresh["max_ms"],
         "ingestor_freshness_p50_ms": fresh["ingestor_p50_ms"],
         "ingestor_freshness_p99_ms": fresh["ingestor_p99_ms"],
-        "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "live_batches": (fresh["ingestor_stats"] or {}).get("batches"),
+        "cpu_count": os.cpu_count(), "loadavg_1m_start": load_start, "loadavg_1m_end": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
     }
     rows = [
@@ -460,8 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         ("(c) produce -> get_online_features p50", f"{fresh['p50_ms']} ms"),
         ("(c) produce -> get_online_features p99 [< 1000]", f"{fresh['p99_ms']} ms  (max {fresh['max_ms']} ms, "
                                                             f"{fresh['samples']} samples, {fresh['lost']} lost)"),
-        ("(c) ingestor histogram p50 / p99", f"{fresh['ingestor_p50_ms']} / {fresh['ingestor_p99_ms']} ms"),
-        ("cpus", f"{os.cpu_count()}"),
+        ("(c) ingestor histogram p50 / p99", f"{fresh['ingestor_p50_ms']} / {fresh['ingestor_p99_ms']} ms  "
+                                              f"({figures['live_batches']} batches)"),
+        ("cpus, load average (1 min) start/end", f"{os.cpu_count()}, {load_start}/{figures['loadavg_1m_end']}"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"\nIngest benchmark (preset {args.preset})")

@@ -24,8 +24,11 @@ def test_demo_runs_end_to_end_and_reports_figures(tmp_path, capsys):
         assert figures["users"] == cfg.data.max_users
         assert figures["train"] + figures["valid"] + figures["test"] == figures["interactions"]
         assert figures["history_events"] + figures["live_events"] == figures["interactions"]
-        assert figures["published"] == figures["live_events"] > 0
-        assert figures["read_back"] == figures["read_back_valid"] == figures["published"]
+        assert figures["backfill_applied"] == figures["backfill_history_events"] == figures["history_events"]
+        assert figures["replay_published"] == figures["live_events"] > 0
+        assert figures["ingest_consumed"] == figures["ingest_written"] == figures["live_events"]
+        assert figures["ingest_dlq"] == figures["ingest_duplicates"] == 0
+        assert figures["sample_user_event_count"] > 0
         assert "Not built yet" in out and figures["not_built"]
 
         import mlflow
