@@ -17,8 +17,8 @@ always stops it at the end, and measures on the same MovieLens 100K events:
       `get_online_features` (p50/p99), plus the ingestor's own freshness (Kafka record time ->
       pushed online).
 
-After (b) it also checks the online store against the feature state: every user's online
-`event_count` should equal the state's count.
+After (b) and after (c) it also checks the online store against the feature state: every user's
+online `event_count` and every item's online `interactions` should equal the state's counts.
 
 Prints a table, then, as the last line of stdout, one JSON line with every figure.
 """
@@ -105,13 +105,15 @@ def raw_consume(cfg, bootstrap: str, topic: str, n: int, timeout_s: float) -> di
                              max_poll_records=cfg.ingest.max_poll_records, client_id="bench-raw",
                              **GROUP_TIMEOUTS)
     consumer.subscribe([topic])
-    started, first, count, byte_count = time.monotonic(), None, 0, 0
+    started, first, count, byte_count, first_batch, polls = time.monotonic(), None, 0, 0, 0, 0
     deadline = started + timeout_s
     try:
         while count < n and time.monotonic() < deadline:
             batch = consumer.poll(timeout_ms=cfg.ingest.poll_timeout_ms)
             if batch and first is None:
                 first = time.monotonic()
+                first_batch = sum(len(r) for r in batch.values())
+            polls += 1 if batch else 0
             for records in batch.values():
                 count += len(records)
                 byte_count += sum(len(r.value) for r in records)
@@ -124,9 +126,12 @@ def raw_consume(cfg, bootstrap: str, topic: str, n: int, timeout_s: float) -> di
         consumer.close()
     if count < n:
         raise RuntimeError(f"raw consumer read {count}/{n} records within {timeout_s:.0f}s")
+    # the interval [first poll returned, last poll returned] holds the fetches of every batch but
+    # the first, so the first batch's records are not counted (needs more than one batch)
     seconds = last - first
-    return {"records": count, "bytes": byte_count, "join_s": round(first - started, 2),
-            "seconds": round(seconds, 3), "events_per_s": round(count / seconds)}
+    rate = round((count - first_batch) / seconds) if polls > 1 and seconds > 0 else None
+    return {"records": count, "bytes": byte_count, "join_s": round(first - started, 2), "batches": polls,
+            "first_batch": first_batch, "seconds": round(seconds, 3), "events_per_s": rate}
 
 
 # --------------------------------------------------------------------------- (b) the ingestor
@@ -172,21 +177,23 @@ def ingest_throughput(cfg, n: int, timeout_s: float) -> dict:
             "batches": stats.batches, "freshness_hist": fresh, "ingestor": ingestor}
 
 
-def online_vs_state(cfg, ingestor) -> dict:
-    """Every user's online `event_count` against the feature state's count in Redis."""
+def online_vs_state(store, client) -> dict:
+    """Online rows against the feature state in Redis: every user's `event_count` and every item's
+    `interactions` should equal the state's counts once the ingestor has written its batches."""
     from onerec.features.state import PREFIX
 
-    users = ingestor.state.state_user_ids()
-    pipe = ingestor.state.client.pipeline(transaction=False)
-    for u in users:
-        pipe.hget(f"{PREFIX}u:{u}", "events")
-    state_counts = [int(v) for v in pipe.execute()]
-    online = ingestor.store.get_online_features(
-        features=["user_aggregates:event_count", "user_aggregates:last_active_ms"],
-        entity_rows=[{"user_id": u} for u in users]).to_dict()
-    stale = [(u, s, o) for u, s, o in zip(users, state_counts, online["event_count"]) if o != s]
-    return {"users": len(users), "stale_users": len(stale),
-            "stale_events": sum(s - (o or 0) for _, s, o in stale), "examples": stale[:3]}
+    def compare(kind, state_key, field, feature, join_key):
+        ids = sorted(int(k.rsplit(b":", 1)[1]) for k in client.scan_iter(f"{PREFIX}{state_key}:*", count=1000))
+        pipe = client.pipeline(transaction=False)
+        for i in ids:
+            pipe.hget(f"{PREFIX}{state_key}:{i}", field)
+        state = [int(v or 0) for v in pipe.execute()]
+        online = store.get_online_features(features=[feature], entity_rows=[{join_key: i} for i in ids]).to_dict()
+        stale = [(i, s, o) for i, s, o in zip(ids, state, online[feature.split(":")[1]]) if o != s]
+        return {f"{kind}": len(ids), f"stale_{kind}": len(stale), f"{kind}_examples": stale[:3]}
+
+    return {**compare("users", "u", "events", "user_aggregates:event_count", "user_id"),
+            **compare("items", "i", "interactions", "item_stats:interactions", "item_id")}
 
 
 # --------------------------------------------------------------------------- (c) freshness
@@ -408,12 +415,13 @@ def main(argv: list[str] | None = None) -> int:
 
         log("(a) raw kafka-python consumer")
         raw = raw_consume(bcfg, bootstrap, bcfg.kafka.user_events.name, n, timeout_s=JOIN_TIMEOUT_S + n / 500)
-        log(f"(a) {raw['events_per_s']} events/s")
+        log(f"(a) {raw['events_per_s']} events/s ({raw['batches']} batches)")
 
         log("(b) Ingestor -> Feast online + offline")
         ours = ingest_throughput(bcfg, n, timeout_s=JOIN_TIMEOUT_S + n / 100)
         log(f"(b) {ours['events_per_s']} events/s")
-        consistency = online_vs_state(bcfg, ours.pop("ingestor"))
+        ingestor_b = ours.pop("ingestor")
+        consistency = online_vs_state(ingestor_b.store, ingestor_b.state.client)
         ours.pop("freshness_hist")
 
         fcfg_overrides = [*base, f"kafka.user_events.name=bench-live-{tag}",
@@ -423,13 +431,14 @@ def main(argv: list[str] | None = None) -> int:
         log(f"(c) freshness at {args.rate:g} events/s")
         fresh = freshness(fcfg, fcfg_overrides, args.preset, bootstrap, events, args.rate, args.seconds,
                           args.samples)
+        consistency_c = online_vs_state(ingestor_b.store, ingestor_b.state.client)  # (b) + (c) in the state
     finally:
         if stack_started:
             log("stopping the stack")
             stack.down(cfg)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    ratio = ours["events_per_s"] / raw["events_per_s"]
+    ratio = ours["events_per_s"] / raw["events_per_s"] if raw["events_per_s"] else None
     figures = {
         "benchmark": "ingest", "preset": args.preset, "dataset": dataset, "events": n,
         "partitions": bcfg.kafka.user_events.partitions, "max_poll_records": bcfg.ingest.max_poll_records,
@@ -437,8 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         "raw_events_per_s": raw["events_per_s"], "raw_seconds": raw["seconds"],
         "ingest_events_per_s": ours["events_per_s"], "ingest_seconds": ours["seconds"],
         "ingest_events_per_s_with_flush": ours["events_per_s_with_flush"],
-        "ingest_batches": ours["batches"], "ratio": round(ratio, 3),
-        "online_stale_users": consistency["stale_users"], "online_users_checked": consistency["users"],
+        "raw_batches": raw["batches"], "ingest_batches": ours["batches"],
+        "ratio": round(ratio, 3) if ratio is not None else None,
+        "online_stale_users": consistency["stale_users"], "online_stale_items": consistency["stale_items"],
+        "online_users_checked": consistency["users"], "online_items_checked": consistency["items"],
+        "online_stale_users_after_live": consistency_c["stale_users"],
+        "online_stale_items_after_live": consistency_c["stale_items"],
         "rate": args.rate, "seconds": args.seconds, "achieved_rate": fresh["achieved_rate"],
         "freshness_samples": fresh["samples"], "freshness_lost": fresh["lost"],
         "freshness_p50_ms": fresh["p50_ms"], "freshness_p99_ms": fresh["p99_ms"],
@@ -450,22 +463,28 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
     }
+    def consistent(c: dict) -> str:
+        text = (f"{c['users'] - c['stale_users']}/{c['users']}, {c['items'] - c['stale_items']}/{c['items']}")
+        examples = c["users_examples"][:2] + c["items_examples"][:2]
+        return text + (f"  stale e.g. (id, state, online) {examples}" if examples else "")
+
     rows = [
         ("events (MovieLens 100K, event-time order)", f"{n}"),
-        ("(a) raw kafka-python consume", f"{raw['events_per_s']:,} ev/s  ({raw['seconds']} s)"),
+        ("(a) raw kafka-python consume",
+         f"{raw['events_per_s']:,} ev/s  ({raw['seconds']} s, {raw['batches']} batches)" if raw["events_per_s"]
+         else f"n/a: all {n} records came in one poll (use --events >= 2 x ingest.max_poll_records)"),
         ("(b) Ingestor -> Feast online", f"{ours['events_per_s']:,} ev/s  ({ours['seconds']} s, "
                                           f"{ours['batches']} batches)"),
         ("(b) incl. final offline flush", f"{ours['events_per_s_with_flush']:,} ev/s"),
-        ("ratio (b)/(a)   [target >= 0.5]", f"{ratio:.3f}"),
-        ("online == state (users)", f"{consistency['users'] - consistency['stale_users']}/{consistency['users']}"
-                                    + (f"  stale e.g. (user, state, online) {consistency['examples']}"
-                                       if consistency["stale_users"] else "")),
+        ("ratio (b)/(a)   [target >= 0.5]", f"{ratio:.3f}" if ratio is not None else "n/a"),
+        ("(b) online == state: users, items", consistent(consistency)),
         (f"(c) produce rate (target {args.rate:g}/s)", f"{fresh['achieved_rate']:,} ev/s for {args.seconds:g} s"),
         ("(c) produce -> get_online_features p50", f"{fresh['p50_ms']} ms"),
         ("(c) produce -> get_online_features p99 [< 1000]", f"{fresh['p99_ms']} ms  (max {fresh['max_ms']} ms, "
                                                             f"{fresh['samples']} samples, {fresh['lost']} lost)"),
         ("(c) ingestor histogram p50 / p99", f"{fresh['ingestor_p50_ms']} / {fresh['ingestor_p99_ms']} ms  "
                                               f"({figures['live_batches']} batches)"),
+        ("(c) online == state after it: users, items", consistent(consistency_c)),
         ("cpus, load average (1 min) start/end", f"{os.cpu_count()}, {load_start}/{figures['loadavg_1m_end']}"),
     ]
     width = max(len(r[0]) for r in rows)

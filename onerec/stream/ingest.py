@@ -114,6 +114,7 @@ class Ingestor:
                 if batch:
                     self._process(batch, consumer, dlq)
                     self._update_lag(consumer)
+                    last_record = time.monotonic()  # a batch retried through an outage is not idle time
                 if time.monotonic() - self._last_flush >= c.offline_flush_s:
                     self._flush(consumer, dlq)
                 if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
