@@ -7,7 +7,8 @@ Starts its own embedded stack (free loopback ports, temporary state and Feast di
 always stops it at the end, and measures on the same MovieLens 100K events:
 
   (a) baseline: a bare kafka-python consumer (fresh group, the ingestor's consumer settings),
-      no processing: events/s from the first record to the last (the group join excluded);
+      no processing: events/s from the first non-empty poll to the last record (the group
+      join excluded; the first batch, fetched before the interval, is not counted);
   (b) ours: `Ingestor` (fresh group) over the same topic, from the first non-empty poll to the
       moment every event is in Feast online (and to the end of its offline flush): events/s,
       and the ratio (b)/(a);

@@ -75,7 +75,7 @@ class Ingestor:
     def __init__(self, cfg: Config, bootstrap: str, redis_client, feature_store, metrics: Metrics | None = None):
         self.cfg, self.bootstrap = cfg, bootstrap
         self.state = FeatureState(redis_client, cfg.features)
-        self.store = feature_store
+        self.online = feast_store.OnlineWriter(feature_store)
         self.metrics = metrics or Metrics()
         self.stats = IngestStats()
         self.stop = threading.Event()
@@ -159,7 +159,7 @@ class Ingestor:
         touched = self.state.apply(events)
         rows = self.state.rows(touched.users, touched.items)
         for view in VIEWS:
-            feast_store.push_online(self.store, view, rows[view.name])
+            self.online.write(view, rows[view.name])
             self._rows[view.name].append(rows[view.name])
         return touched.applied
 
