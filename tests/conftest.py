@@ -34,3 +34,13 @@ def data_root() -> Path:
             pytest.fail(f"shared data not found: {root / f}; set ONEREC_DATA_ROOT (or data.root in "
                         "configs/debug.yaml) to the folder holding ml-100k/ and amazon-s3rec/")
     return root
+
+
+@pytest.fixture(autouse=True)
+def no_endpoint_leaks(monkeypatch):
+    """Endpoints come from each test's own stack env file: clear what an earlier test (or
+    mlflow.set_tracking_uri, which exports MLFLOW_TRACKING_URI) left in the environment."""
+    from onerec.endpoints import ENDPOINT_VARS
+
+    for var in ENDPOINT_VARS:
+        monkeypatch.delenv(var, raising=False)
