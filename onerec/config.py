@@ -112,6 +112,7 @@ class IngestConfig:
     group_id: str              # Kafka consumer group shared by all ingestor instances
     max_poll_records: int      # upper bound of one batch
     poll_timeout_ms: int       # how long a poll waits for records: bounds the added latency
+    online_push_interval_s: float  # changed entities are pushed to Feast online this often
     offline_flush_s: float     # offline rows are written (and offsets committed) this often
     metrics_port: int          # Prometheus /metrics; 0 = off
     max_backoff_s: float       # retry back-off cap while Redis or Kafka is unavailable
@@ -120,7 +121,9 @@ class IngestConfig:
         _check(bool(self.group_id), f"{key}.group_id", "must not be empty")
         _check(self.max_poll_records >= 1, f"{key}.max_poll_records", "must be >= 1")
         _check(self.poll_timeout_ms >= 1, f"{key}.poll_timeout_ms", "must be >= 1")
-        _check(self.offline_flush_s > 0, f"{key}.offline_flush_s", "must be > 0")
+        _check(self.online_push_interval_s >= 0, f"{key}.online_push_interval_s", "must be >= 0")
+        _check(self.offline_flush_s >= self.online_push_interval_s, f"{key}.offline_flush_s",
+               "must be >= online_push_interval_s (offsets are committed after both writes)")
         _check(self.metrics_port == 0 or 1024 <= self.metrics_port <= 65535, f"{key}.metrics_port",
                "must be 0 (off) or a port in 1024..65535")
         _check(self.max_backoff_s > 0, f"{key}.max_backoff_s", "must be > 0")

@@ -3,8 +3,9 @@
 A consumer-group member: run several and they share the partitions. Per poll batch:
   1. parse + validate each record; invalid ones go to `user-events-dlq` with the reason in
      record headers (and the original partition/offset), and the loop keeps going;
-  2. apply the valid events to the feature state (Redis, idempotent by event id) and push the
-     touched entities' rows to Feast online (fresh within the poll interval);
+  2. apply the valid events to the feature state (Redis, idempotent by event id); every
+     `ingest.online_push_interval_s` push the rows of the entities changed since the last push
+     to Feast online (coalescing: a user touched by ten batches in a catch-up is pushed once);
   3. every `ingest.offline_flush_s`: write the buffered rows to the offline store, flush the DLQ
      producer, and only then commit the offsets. A crash anywhere redelivers the uncommitted
      events, which change nothing (seen ids) but get their entities' rows pushed again.
@@ -75,11 +76,16 @@ class Ingestor:
     def __init__(self, cfg: Config, bootstrap: str, redis_client, feature_store, metrics: Metrics | None = None):
         self.cfg, self.bootstrap = cfg, bootstrap
         self.state = FeatureState(redis_client, cfg.features)
+        self.store = feature_store
         self.online = feast_store.OnlineWriter(feature_store)
         self.metrics = metrics or Metrics()
         self.stats = IngestStats()
         self.stop = threading.Event()
         self._rows: dict[str, list[pd.DataFrame]] = defaultdict(list)  # offline rows not yet written
+        self._dirty_users: set[int] = set()                             # changed, not yet pushed online
+        self._dirty_items: set[int] = set()
+        self._unpushed_times: list[float] = []                          # their Kafka record times
+        self._last_push = time.monotonic()
         self._offsets: dict = {}                                        # next offsets not yet committed
         self._last_flush = time.monotonic()
 
@@ -115,6 +121,8 @@ class Ingestor:
                     self._process(batch, consumer, dlq)
                     self._update_lag(consumer)
                     last_record = time.monotonic()  # a batch retried through an outage is not idle time
+                if time.monotonic() - self._last_push >= c.online_push_interval_s:
+                    self._push_online(consumer)
                 if time.monotonic() - self._last_flush >= c.offline_flush_s:
                     self._flush(consumer, dlq)
                 if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
@@ -145,23 +153,28 @@ class Ingestor:
             self._offsets[tp] = records[-1].offset + 1
         self.metrics.consumed.inc(sum(len(r) for r in batch.values()))
         if events:
-            touched = self._with_retry(lambda: self._write_online(events), consumer)
-            pushed_at = time.time()
-            for t in record_times:
-                self.metrics.freshness.observe(max(0.0, pushed_at - t))
+            applied = self._with_retry(lambda: self.state.apply(events), consumer)
+            self._dirty_users |= applied.users
+            self._dirty_items |= applied.items
+            self._unpushed_times += record_times
             self.stats.written += len(events)
-            self.stats.duplicates += len(events) - touched
+            self.stats.duplicates += len(events) - applied.applied
             self.metrics.written.inc(len(events))
-            self.metrics.duplicates.inc(len(events) - touched)
+            self.metrics.duplicates.inc(len(events) - applied.applied)
         self.stats.batches += 1
 
-    def _write_online(self, events) -> int:
-        touched = self.state.apply(events)
-        rows = self.state.rows(touched.users, touched.items)
-        for view in VIEWS:
-            self.online.write(view, rows[view.name])
-            self._rows[view.name].append(rows[view.name])
-        return touched.applied
+    def _push_online(self, consumer) -> None:
+        """Rows of every entity changed since the last push -> Feast online (and the offline buffer)."""
+        if self._dirty_users or self._dirty_items:
+            rows = self._with_retry(lambda: self.state.rows(self._dirty_users, self._dirty_items), consumer)
+            for view in VIEWS:
+                self._with_retry(lambda: self.online.write(view, rows[view.name]), consumer)
+                self._rows[view.name].append(rows[view.name])
+            pushed_at = time.time()
+            for t in self._unpushed_times:
+                self.metrics.freshness.observe(max(0.0, pushed_at - t))
+            self._dirty_users, self._dirty_items, self._unpushed_times = set(), set(), []
+        self._last_push = time.monotonic()
 
     def _to_dlq(self, dlq, record, err: EventValidationError) -> None:
         headers = dlq_headers(err) + [("source.partition", str(record.partition).encode()),
@@ -194,9 +207,10 @@ class Ingestor:
 
     # ------------------------------------------------------------------ durability
     def _flush(self, consumer, dlq) -> None:
-        """Offline rows, then DLQ, then offsets: a commit always follows the writes it covers."""
+        """Online rows, offline rows, then DLQ, then offsets: a commit follows the writes it covers."""
         from kafka.structs import OffsetAndMetadata
 
+        self._push_online(consumer)
         for view in VIEWS:
             if self._rows[view.name]:
                 frame = pd.concat(self._rows[view.name], ignore_index=True)
