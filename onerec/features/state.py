@@ -27,50 +27,92 @@ from onerec.data.events import UserEvent
 from onerec.features.schema import CREATED_TS, EVENT_TS, ITEM_STATS, USER_AGGREGATES, USER_SEQUENCE
 
 PREFIX = "onerec:fs:"
-ARGS_PER_EVENT = 8
 
 # ARGV: prefix, sequence_length, dedup_ttl_s, window_ms, then per event: event_id, user, item,
 # type, time_ms, play_s, watch_ratio, rating ('' when absent). Returns how many were new.
+# Events are checked against `seen` one by one, but their effects are summed per entity in Lua
+# tables and written once per entity: a 5,000-event batch costs ~2 Redis calls an event instead
+# of ~15. Sums of floats are added in one step per batch (the order of additions differs from
+# event-at-a-time by rounding only).
 APPLY_LUA = """
 local p, n, ttl, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local users, items, user_ids, item_ids = {}, {}, {}, {}
+local function entity(map, ids, id)
+  local e = map[id]
+  if not e then
+    e = {last = -1, counts = {}, sums = {}, seq = {}, win = {}}
+    map[id] = e
+    ids[#ids + 1] = id
+  end
+  return e
+end
+local function add(tbl, key, v) tbl[key] = (tbl[key] or 0) + v end
 local applied = 0
 for i = 5, #ARGV, 8 do
-  local eid, user, item, etype, t = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  local eid, etype, t = ARGV[i], ARGV[i+3], ARGV[i+4]
   local play, ratio, rating = ARGV[i+5], ARGV[i+6], ARGV[i+7]
   if redis.call('SET', p .. 'seen:' .. eid, '1', 'NX', 'EX', ttl) then
     applied = applied + 1
-    local u, it, tn = p .. 'u:' .. user, p .. 'i:' .. item, tonumber(t)
-    redis.call('HINCRBY', u, 'events', 1)
-    if tn > tonumber(redis.call('HGET', u, 'last_ms') or '-1') then redis.call('HSET', u, 'last_ms', t) end
-    if tn > tonumber(redis.call('HGET', it, 'last_ms') or '-1') then redis.call('HSET', it, 'last_ms', t) end
+    local u, it, tn = entity(users, user_ids, ARGV[i+1]), entity(items, item_ids, ARGV[i+2]), tonumber(t)
+    add(u.counts, 'events', 1)
+    if tn > u.last then u.last = tn end
+    if tn > it.last then it.last = tn end
     if etype == 'impression' then
-      redis.call('HINCRBY', it, 'exposures', 1)
+      add(it.counts, 'exposures', 1)
     else
-      redis.call('LPUSH', p .. 'useq:' .. user, item .. ',' .. t .. ',' .. rating .. ',' .. play .. ',' .. ratio)
-      redis.call('LTRIM', p .. 'useq:' .. user, 0, n - 1)
-      redis.call('HINCRBY', it, 'interactions', 1)
-      redis.call('ZADD', p .. 'iwin:' .. item, tn, eid)
+      u.seq[#u.seq + 1] = ARGV[i+2] .. ',' .. t .. ',' .. rating .. ',' .. play .. ',' .. ratio
+      add(it.counts, 'interactions', 1)
+      it.win[#it.win + 1] = tn
+      it.win[#it.win + 1] = eid
     end
-    -- the window ends at the item's latest event of any type; trimmed on every event so the
-    -- result does not depend on arrival order
-    local cutoff = tonumber(redis.call('HGET', it, 'last_ms')) - window
-    redis.call('ZREMRANGEBYSCORE', p .. 'iwin:' .. item, '-inf', '(' .. string.format('%d', cutoff))
     if etype == 'play' then
-      redis.call('HINCRBY', u, 'plays', 1)
-      redis.call('HINCRBY', it, 'plays', 1)
-      redis.call('HINCRBYFLOAT', u, 'watch_s', play)
+      add(u.counts, 'plays', 1)
+      add(it.counts, 'plays', 1)
+      add(u.sums, 'watch_s', tonumber(play))
     end
     if rating ~= '' then
-      redis.call('HINCRBY', u, 'ratings', 1)
-      redis.call('HINCRBYFLOAT', u, 'rating_sum', rating)
-      redis.call('HINCRBY', it, 'ratings', 1)
-      redis.call('HINCRBYFLOAT', it, 'rating_sum', rating)
+      add(u.counts, 'ratings', 1)
+      add(u.sums, 'rating_sum', tonumber(rating))
+      add(it.counts, 'ratings', 1)
+      add(it.sums, 'rating_sum', tonumber(rating))
     end
     if ratio ~= '' then
-      redis.call('HINCRBY', it, 'ratio_n', 1)
-      redis.call('HINCRBYFLOAT', it, 'ratio_sum', ratio)
+      add(it.counts, 'ratio_n', 1)
+      add(it.sums, 'ratio_sum', tonumber(ratio))
     end
   end
+end
+-- write each entity once; returns its latest event time (stored or new)
+local function write(key, e)
+  for field, v in pairs(e.counts) do redis.call('HINCRBY', key, field, v) end
+  for field, v in pairs(e.sums) do redis.call('HINCRBYFLOAT', key, field, string.format('%.17g', v)) end
+  local last = tonumber(redis.call('HGET', key, 'last_ms') or '-1')
+  if e.last > last then
+    last = e.last
+    redis.call('HSET', key, 'last_ms', string.format('%d', last))
+  end
+  return last
+end
+local function push_chunks(cmd, key, values, step)  -- Lua's unpack has a stack limit
+  for j = 1, #values, step do
+    redis.call(cmd, key, unpack(values, j, math.min(j + step - 1, #values)))
+  end
+end
+for _, id in ipairs(user_ids) do
+  local e = users[id]
+  write(p .. 'u:' .. id, e)
+  if #e.seq > 0 then
+    push_chunks('LPUSH', p .. 'useq:' .. id, e.seq, 1000)  -- oldest pushed first: newest ends up at the head
+    redis.call('LTRIM', p .. 'useq:' .. id, 0, n - 1)
+  end
+end
+for _, id in ipairs(item_ids) do
+  local e = items[id]
+  local last = write(p .. 'i:' .. id, e)
+  local win = p .. 'iwin:' .. id
+  if #e.win > 0 then push_chunks('ZADD', win, e.win, 1000) end
+  -- the window ends at the item's latest event of any type
+  redis.call('ZREMRANGEBYSCORE', win, '-inf', '(' .. string.format('%d', last - window))
 end
 return applied
 """

@@ -18,10 +18,15 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pandas as pd
+# Imported here, before anything imports Feast: Feast sets PROMETHEUS_MULTIPROC_DIR when it is
+# imported, and prometheus_client picks its value store when it is first imported; in
+# multiprocess mode every Metrics() in a process would share the same counters.
+import prometheus_client
 
 from onerec.config import Config
 from onerec.data.events import EventValidationError, dlq_headers, parse_event
@@ -54,6 +59,9 @@ class Metrics:
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        if prometheus_client.values.ValueClass is not prometheus_client.values.MutexValue:
+            warnings.warn("prometheus_client is in multiprocess mode (Feast was imported first and set "
+                          "PROMETHEUS_MULTIPROC_DIR): ingestors in this process share their metrics")
         self.registry = CollectorRegistry()
         self.consumed = Counter("onerec_ingest_consumed", "records read from Kafka", registry=self.registry)
         self.written = Counter("onerec_ingest_written", "valid events written to the feature stores",
@@ -68,8 +76,7 @@ class Metrics:
                                    registry=self.registry)
 
     def serve(self, port: int) -> None:
-        from prometheus_client import start_http_server
-        start_http_server(port, registry=self.registry)
+        prometheus_client.start_http_server(port, registry=self.registry)
 
 
 class Ingestor:
