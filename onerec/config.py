@@ -113,6 +113,7 @@ class IngestConfig:
     max_poll_records: int      # upper bound of one batch
     poll_timeout_ms: int       # how long a poll waits for records: bounds the added latency
     online_push_interval_s: float  # changed entities are pushed to Feast online this often
+    catchup_push_interval_s: float  # ... and this often while draining a backlog (full polls)
     offline_flush_s: float     # offline rows are written (and offsets committed) this often
     metrics_port: int          # Prometheus /metrics; 0 = off
     max_backoff_s: float       # retry back-off cap while Redis or Kafka is unavailable
@@ -122,6 +123,8 @@ class IngestConfig:
         _check(self.max_poll_records >= 1, f"{key}.max_poll_records", "must be >= 1")
         _check(self.poll_timeout_ms >= 1, f"{key}.poll_timeout_ms", "must be >= 1")
         _check(self.online_push_interval_s >= 0, f"{key}.online_push_interval_s", "must be >= 0")
+        _check(self.catchup_push_interval_s >= self.online_push_interval_s, f"{key}.catchup_push_interval_s",
+               "must be >= online_push_interval_s")
         _check(self.offline_flush_s >= self.online_push_interval_s, f"{key}.offline_flush_s",
                "must be >= online_push_interval_s (offsets are committed after both writes)")
         _check(self.metrics_port == 0 or 1024 <= self.metrics_port <= 65535, f"{key}.metrics_port",

@@ -4,8 +4,9 @@ A consumer-group member: run several and they share the partitions. Per poll bat
   1. parse + validate each record; invalid ones go to `user-events-dlq` with the reason in
      record headers (and the original partition/offset), and the loop keeps going;
   2. apply the valid events to the feature state (Redis, idempotent by event id); every
-     `ingest.online_push_interval_s` push the rows of the entities changed since the last push
-     to Feast online (coalescing: a user touched by ten batches in a catch-up is pushed once);
+     `ingest.online_push_interval_s` (`catchup_push_interval_s` while draining a backlog) push
+     the rows of the entities changed since the last push to Feast online (coalescing: a user
+     touched by ten batches in a catch-up is pushed once);
   3. every `ingest.offline_flush_s`: write the buffered rows to the offline store, flush the DLQ
      producer, and only then commit the offsets. A crash anywhere redelivers the uncommitted
      events, which change nothing (seen ids) but get their entities' rows pushed again.
@@ -128,7 +129,11 @@ class Ingestor:
                     self._process(batch, consumer, dlq)
                     self._update_lag(consumer)
                     last_record = time.monotonic()  # a batch retried through an outage is not idle time
-                if time.monotonic() - self._last_push >= c.online_push_interval_s:
+                # A poll at least half full means a backlog: each push costs the same whatever its
+                # size, so draining one with fewer, larger pushes is what catches up fastest.
+                backlog = sum(len(r) for r in batch.values()) >= c.max_poll_records // 2
+                interval = c.catchup_push_interval_s if backlog else c.online_push_interval_s
+                if time.monotonic() - self._last_push >= interval:
                     self._push_online(consumer)
                 if time.monotonic() - self._last_flush >= c.offline_flush_s:
                     self._flush(consumer, dlq)
