@@ -41,7 +41,7 @@ GROUP_TIMEOUTS = dict(session_timeout_ms=6000, heartbeat_interval_ms=1000, max_p
 @dataclass
 class IngestStats:
     consumed: int = 0      # records read from Kafka (redeliveries included)
-    written: int = 0       # valid events whose features are in the stores
+    written: int = 0       # valid events in the feature state (in Feast by the next push)
     dlq: int = 0           # invalid records sent to the DLQ
     duplicates: int = 0    # valid events already applied before (redeliveries, producer retries)
     batches: int = 0
