@@ -119,16 +119,14 @@ class Ingestor:
                                  **GROUP_TIMEOUTS)
         consumer.subscribe([self.cfg.kafka.user_events.name], listener=FlushOnRevoke())
         dlq = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5, retries=5)
-        last_record = time.monotonic()
+        last_active = time.monotonic()  # idle = polls that bring nothing while nothing is retried
         try:
             while not self.stop.is_set():
+                retries_before = self.stats.retries
                 batch = consumer.poll(timeout_ms=c.poll_timeout_ms)
-                if batch or not consumer.assignment():  # idle time counts once we own partitions
-                    last_record = time.monotonic()
                 if batch:
                     self._process(batch, consumer, dlq)
                     self._update_lag(consumer)
-                    last_record = time.monotonic()  # a batch retried through an outage is not idle time
                 # A poll at least half full means a backlog: each push costs the same whatever its
                 # size, so draining one with fewer, larger pushes is what catches up fastest.
                 backlog = sum(len(r) for r in batch.values()) >= c.max_poll_records // 2
@@ -137,7 +135,9 @@ class Ingestor:
                     self._push_online(consumer)
                 if time.monotonic() - self._last_flush >= c.offline_flush_s:
                     self._flush(consumer, dlq)
-                if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
+                if batch or self.stats.retries != retries_before or not consumer.assignment():
+                    last_active = time.monotonic()  # time spent joining or riding out an outage is not idle
+                if idle_exit_s is not None and time.monotonic() - last_active > idle_exit_s:
                     break
                 if max_records is not None and self.stats.consumed >= max_records:
                     break
