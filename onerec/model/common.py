@@ -1,0 +1,260 @@
+"""What V1 and V2 share: the batch format, semantic-ID embeddings, the context embedding, the
+training loss and the generation interface that beam search drives.
+
+Batch (a dict of tensors; "target" only for training):
+    context       (B, S, L) int64  semantic-ID codes of the last S events (S <= max_seq_len);
+                                    padded slots may hold any value, e.g. -1
+    context_mask  (B, S)    bool   True = real event (default: context[..., 0] >= 0)
+    side          (B, S, F) float  per-event side features (required iff n_side_features > 0)
+    user          (B, U)    float  user features (required iff n_user_features > 0)
+    target        (B, M, L) int64  the next session, M <= session_len items
+    target_mask   (B, M)    bool   optional: items that count in the loss (sessions shorter than M)
+
+The target is decoded as one flat sequence of M*L tokens; position j holds level j % L.
+Decoder input ids live in one shared vocabulary: level l token t -> offsets[l] + t, then BOS.
+
+Generation interface (see beam.py):
+    memory = model.encode(batch)                      # once per request
+    h, aux = model.decode(ids (B, T), memory, cache)  # (B, T, D), final norm applied
+    logits = model.logits(h, level)                   # (..., K_level)
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from onerec.config import ModelConfig
+
+from .layers import CrossAttention, KVCache, MoE, SelfAttention
+
+
+@dataclass
+class Memory:
+    """The encoded context: cross-attention keys/values and which context tokens are real.
+
+    kv holds one (k, v) per decoder layer (V1) or a single pair shared by all layers (V2);
+    k, v are (B, Hkv, S', hd) and key_mask (B, S'), S' = S + 1 (a leading user/start token)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    key_mask: torch.Tensor
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[0] if len(self.kv) == 1 else self.kv[i]
+
+    def select(self, index: torch.Tensor) -> Memory:
+        """Rows `index` of the batch, e.g. arange(B).repeat_interleave(beam) for beam search."""
+        return Memory([(k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv],
+                      self.key_mask.index_select(0, index))
+
+
+class SemanticIdEmbedding(nn.Module):
+    """One table for every level's tokens (level l at rows offsets[l]..offsets[l]+K_l-1) plus BOS."""
+
+    def __init__(self, codebook_sizes: list[int], d_model: int):
+        super().__init__()
+        sizes = torch.tensor(codebook_sizes)
+        self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)  # (L,)
+        self.bos_id = int(sizes.sum())
+        self.table = nn.Embedding(self.bos_id + 1, d_model)
+
+    def ids(self, tokens: torch.Tensor, levels: torch.Tensor | int) -> torch.Tensor:
+        """Level-local tokens -> shared ids; `levels` broadcasts against tokens."""
+        return self.offsets[levels] + tokens
+
+    def items(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (..., L) -> (..., D): the sum of an item's level embeddings."""
+        return self.table(self.offsets + codes).sum(dim=-2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids)
+
+
+class ContextEmbedding(nn.Module):
+    """Context events -> (B, 1 + S, D) vectors and mask. Event vector = item embedding (sum of
+    its level embeddings) + side-feature projection + recency embedding (0 = the latest event,
+    so left and right padding give the same result). Token 0 is a learned start vector plus the
+    user-feature projection; it is always valid, so no user has an empty context."""
+
+    def __init__(self, d_model: int, max_seq_len: int, n_side_features: int, n_user_features: int):
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.recency = nn.Embedding(max_seq_len, d_model)
+        self.start = nn.Parameter(torch.zeros(d_model))
+        self.side = nn.Linear(n_side_features, d_model) if n_side_features else None
+        self.user = nn.Linear(n_user_features, d_model) if n_user_features else None
+
+    def forward(self, emb: SemanticIdEmbedding, batch: Mapping[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = batch["context"]                                              # (B, S, L)
+        b, s, _ = codes.shape
+        if s > self.max_seq_len:
+            raise ValueError(f"context has {s} events but the model takes at most max_seq_len="
+                             f"{self.max_seq_len}; keep the last {self.max_seq_len} events")
+        mask = batch.get("context_mask")
+        mask = (codes[..., 0] >= 0) if mask is None else mask.bool()          # (B, S)
+        x = emb.items(codes.clamp(min=0))                                     # (B, S, D)
+        x = x + _optional(self.side, batch, "side", "n_side_features")
+        recency = mask.flip(1).cumsum(1).flip(1) - 1                          # (B, S) 0 = latest
+        x = x + self.recency(recency.clamp(min=0))
+        x = x * mask[..., None]                                               # padding -> 0
+        head = self.start.expand(b, 1, -1) + _optional(self.user, batch, "user", "n_user_features")
+        ones = torch.ones(b, 1, dtype=torch.bool, device=codes.device)
+        return torch.cat([head, x], dim=1), torch.cat([ones, mask], dim=1)    # (B, 1+S, D), (B, 1+S)
+
+
+def _optional(proj: nn.Linear | None, batch: Mapping[str, torch.Tensor], key: str, knob: str):
+    """A feature projection, or 0 when the model has none; a mismatch is an error, not a skip."""
+    if proj is None:
+        if batch.get(key) is not None:
+            raise ValueError(f"batch has '{key}' but the model was built with {knob}=0")
+        return 0.0
+    if batch.get(key) is None:
+        raise ValueError(f"the model was built with {knob}={proj.in_features} but the batch has no '{key}'")
+    x = proj(batch[key].to(proj.weight.dtype))
+    return x if x.dim() == 3 else x[:, None, :]                               # (B, S or 1, D)
+
+
+# --------------------------------------------------------------------------- FLOP counting
+# Matmul FLOPs of one forward pass (2 per multiply-add); embeddings, norms, softmax and
+# elementwise work are left out. Attention scores count the full T x S grid (the causal half is
+# not subtracted, as SDPA's math kernel computes it all). MoE counts the router plus top_k experts.
+
+
+def linear_flops(tokens: int, d_in: int, d_out: int) -> int:
+    return 2 * tokens * d_in * d_out
+
+
+def attention_core_flops(t_q: int, t_k: int, d_model: int) -> int:
+    return 2 * (2 * t_q * t_k * d_model)                                      # q k^T and att v
+
+
+def ffn_flops(tokens: int, d_model: int, hidden: int, swiglu: bool, n_experts: int, top_k: int) -> int:
+    one = (3 if swiglu else 2) * linear_flops(tokens, d_model, hidden)
+    if n_experts == 0:
+        return one
+    return linear_flops(tokens, d_model, n_experts) + top_k * one
+
+
+# --------------------------------------------------------------------------- the shared model base
+
+
+class GenerativeRecommender(nn.Module):
+    """Holds the config and extra knobs, the embeddings, output heads and the training loss.
+    Subclasses define `encode`, `decode` and `flops_per_sample`."""
+
+    arch = ""
+
+    def __init__(self, cfg: ModelConfig, *, codebook_sizes: list[int] | None = None,
+                 n_kv_heads: int | None = None, n_side_features: int = 0, n_user_features: int = 0,
+                 ffn_mult: int = 4, activation: str = "swiglu", moe_aux_coef: float = 0.01):
+        super().__init__()
+        if not codebook_sizes:
+            raise ValueError("codebook_sizes is required: pass the tokenizer's codebook_sizes "
+                             "(one vocabulary size per semantic-ID level)")
+        n_kv_heads = cfg.n_heads if n_kv_heads is None else n_kv_heads
+        if n_kv_heads < 1 or cfg.n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={cfg.n_heads}")
+        if activation not in ("swiglu", "gelu"):
+            raise ValueError(f"activation '{activation}': choose swiglu or gelu")
+        self.cfg = cfg
+        self.codebook_sizes = [int(k) for k in codebook_sizes]
+        self.n_levels = len(self.codebook_sizes)
+        self.n_layers = cfg.n_layers
+        self.n_kv_heads = n_kv_heads
+        self.n_side_features, self.n_user_features = n_side_features, n_user_features
+        self.ffn_hidden, self.activation, self.moe_aux_coef = ffn_mult * cfg.d_model, activation, moe_aux_coef
+        self._extra = dict(codebook_sizes=self.codebook_sizes, n_kv_heads=n_kv_heads,
+                           n_side_features=n_side_features, n_user_features=n_user_features,
+                           ffn_mult=ffn_mult, activation=activation, moe_aux_coef=moe_aux_coef)
+        d = cfg.d_model
+        self.emb = SemanticIdEmbedding(self.codebook_sizes, d)
+        self.context = ContextEmbedding(d, cfg.max_seq_len, n_side_features, n_user_features)
+        self.max_target_len = cfg.session_len * self.n_levels
+        self.position = nn.Embedding(self.max_target_len, d)                  # decoder positions
+        self.drop = nn.Dropout(cfg.dropout)
+        self.heads = nn.ModuleList(nn.Linear(d, k, bias=False) for k in self.codebook_sizes)
+
+    @property
+    def hparams(self) -> dict:
+        """Everything needed to rebuild this model: build_model(ModelConfig(**cfg), **extra)."""
+        return {"cfg": dataclasses.asdict(self.cfg), "extra": dict(self._extra)}
+
+    def _init_weights(self) -> None:
+        """nanoGPT init: N(0, 0.02) for linears and embeddings; zero biases."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def set_reference(self, flag: bool = True) -> GenerativeRecommender:
+        """Run every attention and MoE layer on its plain reference path (tests, debugging)."""
+        for m in self.modules():
+            if isinstance(m, (SelfAttention, CrossAttention, MoE)):
+                m.reference = flag
+        return self
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- interface for subclasses
+    def encode(self, batch: Mapping[str, torch.Tensor]) -> Memory:
+        raise NotImplementedError
+
+    def decode(self, ids: torch.Tensor, memory: Memory, cache: KVCache | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def flops_per_sample(self, context_len: int, target_len: int) -> int:
+        raise NotImplementedError
+
+    # -- shared
+    def embed_targets(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """ids (B, T) at positions start..start+T-1 -> (B, T, D) token + position embeddings."""
+        t = ids.shape[1]
+        if start + t > self.max_target_len:
+            raise ValueError(f"decoding position {start + t - 1} but the model has "
+                             f"{self.max_target_len} positions (session_len x levels)")
+        pos = torch.arange(start, start + t, device=ids.device)
+        return self.drop(self.emb(ids) + self.position(pos))
+
+    def logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        """h (..., D) hidden states predicting a level-`level` token -> (..., K_level)."""
+        return self.heads[level](h)
+
+    def input_ids(self, target: torch.Tensor) -> torch.Tensor:
+        """target (B, M, L) -> teacher-forcing decoder input (B, M*L): BOS, then all but the last token."""
+        b, m, n_levels = target.shape
+        levels = torch.arange(n_levels, device=target.device)
+        ids = self.emb.ids(target, levels).reshape(b, m * n_levels)           # (B, M*L)
+        bos = torch.full((b, 1), self.emb.bos_id, dtype=ids.dtype, device=ids.device)
+        return torch.cat([bos, ids[:, :-1]], dim=1)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]):
+        """-> (logits, loss, aux): logits[l] (B, M, K_l) predicts target[:, :, l] (flat position
+        m*L + l); loss = mean next-token cross-entropy + moe_aux_coef * MoE load-balance loss;
+        aux = {"ce": ..., "moe_aux": ...} (detached scalars are up to the caller)."""
+        target = batch["target"]                                              # (B, M, L)
+        if target.shape[-1] != self.n_levels:
+            raise ValueError(f"target has {target.shape[-1]} levels, the model {self.n_levels}")
+        memory = self.encode(batch)
+        h, moe_aux = self.decode(self.input_ids(target), memory)              # (B, M*L, D)
+        tmask = batch.get("target_mask")
+        ce, count, logits = h.new_zeros(()), 0, []
+        for level in range(self.n_levels):
+            lg = self.logits(h[:, level::self.n_levels], level)               # (B, M, K_l)
+            logits.append(lg)
+            nll = F.cross_entropy(lg.flatten(0, 1).float(), target[:, :, level].flatten(),
+                                  reduction="none")                           # (B*M,)
+            if tmask is not None:
+                nll = nll * tmask.flatten().to(nll.dtype)
+            ce = ce + nll.sum()
+            count += nll.numel() if tmask is None else tmask.sum()
+        ce = ce / torch.as_tensor(count, device=ce.device).clamp(min=1)
+        loss = ce + self.moe_aux_coef * moe_aux
+        return logits, loss, {"ce": ce, "moe_aux": moe_aux}
