@@ -17,7 +17,7 @@ item indices 1..N and does the shift itself; the low-level functions below work 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -126,7 +126,9 @@ def evaluate(score_fn: Callable[..., torch.Tensor], users: Sequence | None,
     for start in range(0, len(targets), batch_size):
         rows = order[start:start + batch_size]
         hist = [histories[i] for i in rows]
-        scores = score_fn(hist, users=None if users is None else [users[i] for i in rows])
+        batch_users = None if users is None else \
+            users[rows] if isinstance(users, np.ndarray) else [users[i] for i in rows]
+        scores = score_fn(hist, users=batch_users)
         if scores.shape != (len(hist), n_items):
             raise ValueError(f"score_fn returned {tuple(scores.shape)}, expected ({len(hist)}, {n_items})")
         cols = torch.as_tensor(targets[rows] - 1, device=scores.device)

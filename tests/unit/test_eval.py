@@ -10,10 +10,21 @@ import pytest
 import torch
 
 from onerec.data.splits import leave_last_out
-from onerec.eval import (ItemIndex, Popularity, SASRec, SASRecConfig, coverage, evaluate, item_attributes,
-                         mask_scores, ndcg_at_k, rank_of_target, recall_at_k, user_sequences)
+from onerec.eval import (
+    ItemIndex,
+    Popularity,
+    SASRec,
+    SASRecConfig,
+    coverage,
+    evaluate,
+    item_attributes,
+    mask_scores,
+    ndcg_at_k,
+    rank_of_target,
+    recall_at_k,
+    user_sequences,
+)
 from onerec.eval.baselines import attention_reference, length_buckets
-
 
 # --------------------------------------------------------------------------- metrics
 
@@ -165,6 +176,8 @@ def test_sasrec_learns_with_attributes():
     assert m["recall@1"] >= 0.98, m
     with pytest.raises(ValueError, match="use_attributes"):
         SASRec(20, replace(TINY, use_attributes=True), device="cpu")
+    with pytest.raises(ValueError, match="use_attributes is False"):
+        SASRec(20, TINY, attributes=attrs, device="cpu")
 
 
 def test_sasrec_is_deterministic():
