@@ -21,16 +21,19 @@ import threading
 import time
 import warnings
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 # Imported here, before anything imports Feast: Feast sets PROMETHEUS_MULTIPROC_DIR when it is
 # imported, and prometheus_client picks its value store when it is first imported; in
 # multiprocess mode every Metrics() in a process would share the same counters.
 import prometheus_client
+from prometheus_client.core import HistogramMetricFamily
 
 from onerec.config import Config
-from onerec.data.events import EventValidationError, dlq_headers, parse_event
+from onerec.data.events import EventValidationError, UserEvent, dlq_headers, parse_event
 from onerec.features import store as feast_store
 from onerec.features.schema import VIEWS
 from onerec.features.state import FeatureState
@@ -54,11 +57,42 @@ class IngestStats:
                 "dlq_reasons": dict(self.dlq_reasons)}
 
 
+class BulkHistogram:
+    """A Prometheus histogram observed a batch at a time: one numpy pass per push instead of a
+    locked Python call per event (3 µs an event, a tenth of the whole per-event budget)."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry):
+        self.name, self.documentation = name, documentation
+        self.bounds = np.asarray(buckets, dtype=float)                # upper bounds, +Inf implied
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)      # per bucket, not cumulative
+        self.sum = 0.0
+        self._lock = threading.Lock()                                 # /metrics scrapes from a thread
+        registry.register(self)
+
+    def observe_many(self, values) -> None:
+        values = np.asarray(values, dtype=float)
+        # bucket i holds bounds[i-1] < v <= bounds[i] (Prometheus' `le`)
+        counts = np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self.counts))
+        with self._lock:
+            self.counts += counts
+            self.sum += float(values.sum())
+
+    def describe(self):
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+    def collect(self):
+        with self._lock:
+            cumulative, total = np.cumsum(self.counts), self.sum
+        buckets = [(repr(float(b)), int(c)) for b, c in zip(self.bounds, cumulative[:-1])]
+        yield HistogramMetricFamily(self.name, self.documentation, sum_value=total,
+                                    buckets=[*buckets, ("+Inf", int(cumulative[-1]))])
+
+
 class Metrics:
     """Prometheus metrics on a registry of their own (several ingestors can share a process)."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge
 
         if prometheus_client.values.ValueClass is not prometheus_client.values.MutexValue:
             warnings.warn("prometheus_client is in multiprocess mode (Feast was imported first and set "
@@ -72,9 +106,9 @@ class Metrics:
         self.duplicates = Counter("onerec_ingest_duplicates", "redelivered events skipped", registry=self.registry)
         self.lag = Gauge("onerec_ingest_consumer_lag", "records behind the partition end", ["partition"],
                          registry=self.registry)
-        self.freshness = Histogram("onerec_ingest_freshness_seconds", "Kafka record time -> online in Feast",
-                                   buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
-                                   registry=self.registry)
+        self.freshness = BulkHistogram("onerec_ingest_freshness_seconds", "Kafka record time -> online in Feast",
+                                       buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
+                                       registry=self.registry)
 
     def serve(self, port: int) -> None:
         prometheus_client.start_http_server(port, registry=self.registry)
@@ -96,6 +130,8 @@ class Ingestor:
         self._last_push = time.monotonic()
         self._offsets: dict = {}                                        # next offsets not yet committed
         self._last_flush = time.monotonic()
+        self._pool: ThreadPoolExecutor | None = None                    # applies batches in the background
+        self._pending: tuple[Future, list[UserEvent], list[float]] | None = None
 
     # ------------------------------------------------------------------ the loop
     def run(self, idle_exit_s: float | None = None, max_records: int | None = None) -> IngestStats:
@@ -119,6 +155,7 @@ class Ingestor:
                                  **GROUP_TIMEOUTS)
         consumer.subscribe([self.cfg.kafka.user_events.name], listener=FlushOnRevoke())
         dlq = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5, retries=5)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="onerec-ingest-state")
         last_active = time.monotonic()  # idle = polls that bring nothing while nothing is retried
         try:
             while not self.stop.is_set():
@@ -143,6 +180,8 @@ class Ingestor:
                     break
             self._flush(consumer, dlq)
         finally:
+            self._pool.shutdown(wait=True)
+            self._pending = None  # not applied for sure: uncommitted, so redelivered
             dlq.close()
             _close_after_join(consumer)
         return self.stats
@@ -164,27 +203,41 @@ class Ingestor:
                     self._to_dlq(dlq, record, err)
             self._offsets[tp] = records[-1].offset + 1
         self.metrics.consumed.inc(sum(len(r) for r in batch.values()))
+        # The previous batch was applied in the background while this one was fetched and parsed:
+        # the Lua script runs in redis-server, on another core, for a third of an event's cost.
+        self._settle(consumer)
         if events:
-            applied = self._with_retry(lambda: self.state.apply(events), consumer)
-            self._dirty_users |= applied.users
-            self._dirty_items |= applied.items
-            self._unpushed_times += record_times
-            self.stats.written += len(events)
-            self.stats.duplicates += len(events) - applied.applied
-            self.metrics.written.inc(len(events))
-            self.metrics.duplicates.inc(len(events) - applied.applied)
+            self._pending = (self._pool.submit(self.state.apply, events), events, record_times)
         self.stats.batches += 1
+
+    def _settle(self, consumer) -> None:
+        """Wait for the batch being applied in the background. If that failed, apply it again here,
+        with retries: the consumer (paused meanwhile) belongs to this thread."""
+        if self._pending is None:
+            return
+        future, events, record_times = self._pending
+        self._pending = None
+        try:
+            applied = future.result()
+        except Exception as exc:  # noqa: BLE001 (Redis down: same handling as a failed write here)
+            applied = self._with_retry(lambda: self.state.apply(events), consumer, failed=exc)
+        self._dirty_users |= applied.users
+        self._dirty_items |= applied.items
+        self._unpushed_times += record_times
+        self.stats.written += len(events)
+        self.stats.duplicates += len(events) - applied.applied
+        self.metrics.written.inc(len(events))
+        self.metrics.duplicates.inc(len(events) - applied.applied)
 
     def _push_online(self, consumer) -> None:
         """Rows of every entity changed since the last push -> Feast online (and the offline buffer)."""
+        self._settle(consumer)
         if self._dirty_users or self._dirty_items:
             rows = self._with_retry(lambda: self.state.rows(self._dirty_users, self._dirty_items), consumer)
             for view in VIEWS:
                 self._with_retry(lambda: self.online.write(view, rows[view.name]), consumer)
                 self._rows[view.name].append(rows[view.name])
-            pushed_at = time.time()
-            for t in self._unpushed_times:
-                self.metrics.freshness.observe(max(0.0, pushed_at - t))
+            self.metrics.freshness.observe_many(np.maximum(0.0, time.time() - np.asarray(self._unpushed_times)))
             self._dirty_users, self._dirty_items, self._unpushed_times = set(), set(), []
         self._last_push = time.monotonic()
 
@@ -196,26 +249,30 @@ class Ingestor:
         self.stats.dlq_reasons[err.reason] += 1
         self.metrics.dlq.labels(err.reason).inc()
 
-    def _with_retry(self, action, consumer):
-        """Retry until it works or we are stopped; pause partitions meanwhile to stay in the group."""
+    def _with_retry(self, action, consumer, failed: Exception | None = None):
+        """Retry until it works or we are stopped; pause partitions meanwhile to stay in the group.
+        `failed`: the error of a first attempt made elsewhere (back off before the next)."""
         backoff = 0.1
         while True:
-            try:
-                result = action()
-                if consumer.paused():
-                    consumer.resume(*consumer.paused())
-                return result
-            except Exception as exc:  # Redis/Feast down: the batch is not committed, so retry it
-                if self.stop.is_set():
-                    raise RuntimeError("stopped while the feature stores were unavailable; "
-                                       "the batch was not committed and will be redelivered") from exc
-                self.stats.retries += 1
-                print(f"ingest: write failed ({type(exc).__name__}: {exc}); retrying in {backoff:.1f}s",
-                      flush=True)
-                consumer.pause(*consumer.assignment())
-                consumer.poll(timeout_ms=0)  # keeps the group membership alive; paused -> no records
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, self.cfg.ingest.max_backoff_s)
+            if failed is None:
+                try:
+                    result = action()
+                    if consumer.paused():
+                        consumer.resume(*consumer.paused())
+                    return result
+                except Exception as exc:  # noqa: BLE001 (Redis/Feast down: not committed, so retry it)
+                    failed = exc
+            if self.stop.is_set():
+                raise RuntimeError("stopped while the feature stores were unavailable; "
+                                   "the batch was not committed and will be redelivered") from failed
+            self.stats.retries += 1
+            print(f"ingest: write failed ({type(failed).__name__}: {failed}); retrying in {backoff:.1f}s",
+                  flush=True)
+            consumer.pause(*consumer.assignment())
+            consumer.poll(timeout_ms=0)  # keeps the group membership alive; paused -> no records
+            self.stop.wait(backoff)
+            backoff = min(backoff * 2, self.cfg.ingest.max_backoff_s)
+            failed = None
 
     # ------------------------------------------------------------------ durability
     def _flush(self, consumer, dlq) -> None:
