@@ -72,3 +72,28 @@ def test_paced_waits_event_time_over_speed(monkeypatch):
     slept.clear()
     list(replay.paced(events, speed=None))
     assert slept == []
+
+
+def test_sequence_rows_parse_like_plain_python():
+    """The vectorised parse of packed sequences equals the plain one: order, absent -> 0.0, exact floats."""
+    from onerec.features.state import SEQ_FIELDS, _sequence_rows
+
+    packed = {  # newest first, as LRANGE returns them: item,time_ms,rating,play_s,watch_ratio
+        7: [b"3,1700000002000,,12.25,0.1234567890123456", b"5,1700000001000,4.0,,"],
+        8: [],  # a user with events but none that enter the sequence (impressions only)
+        9: [b"11,1700000003000,,0.1,1e-07"],
+    }
+    users = [(u, {b"last_ms": b"1700000003000"}, seq) for u, seq in packed.items()]
+    rows = _sequence_rows(users)
+
+    def plain(seq):
+        entries = [p.decode().split(",") for p in reversed(seq)]
+        num = lambda s: float(s) if s else 0.0  # noqa: E731
+        return [[int(e[0]) for e in entries], [int(e[1]) for e in entries],
+                *[[num(e[k]) for e in entries] for k in (2, 3, 4)]]
+
+    assert [r["user_id"] for r in rows] == [7, 8, 9]
+    for row, (_, seq) in zip(rows, packed.items()):
+        assert [row[name] for name in SEQ_FIELDS] == plain(seq)
+        assert all(type(v) is int for v in row["seq_item_ids"])
+    assert rows[0]["seq_item_ids"] == [5, 3] and rows[0]["seq_ratings"] == [4.0, 0.0]
