@@ -114,6 +114,21 @@ def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.model.train import run_training
+
+    _progress(f"training {cfg.model.arch} on {cfg.data.dataset} ({cfg.preset}) into {args.out}")
+    emit_figures(run_training(cfg, args.out, resume=args.resume), args.json)
+    return 0
+
+
+class _ArchOverride(argparse.Action):
+    """--arch v1 is --set model.arch=v1."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.overrides = [*namespace.overrides, f"model.arch={values}"]
+
+
 def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     from onerec.demo import run_demo
 
@@ -125,7 +140,7 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", default=DEFAULT_PRESET,
+    common.add_argument("-c", "--config", "--preset", dest="config", default=DEFAULT_PRESET,
                         help="preset name (debug, small, full) or YAML path [%(default)s]")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.d_model=256 (repeatable)")
@@ -175,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_ingest.add_argument("--idle-exit", type=float, metavar="S", help="stop after S seconds without records")
     p_ingest.add_argument("--max-records", type=int, metavar="N", help="stop after N records")
     p_ingest.set_defaults(func=cmd_ingest)
+
+    p_train = sub.add_parser("train", parents=[common, json_out],
+                             help="fit the tokenizer, train OneRec, test it (leave-last-out), save it")
+    p_train.add_argument("--out", metavar="DIR", required=True,
+                         help="writes model.safetensors, hparams.json, tokenizer/, checkpoint/, metrics.json")
+    p_train.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
+    p_train.add_argument("--arch", choices=["v1", "v2"], action=_ArchOverride,
+                         help="shortcut for --set model.arch=...")
+    p_train.set_defaults(func=cmd_train)
 
     sub.add_parser("demo", parents=[common, json_out],
                    help="the main job end to end on the embedded stack").set_defaults(func=cmd_demo)

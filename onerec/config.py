@@ -136,10 +136,24 @@ class IngestConfig:
 class TokenizerConfig:
     levels: int               # semantic-ID tokens per item
     codebook_size: int        # upper bound per level; scaled down to the item count
+    codebook_scale: float     # K = min(codebook_size, even_ceil(scale * N ** (1/levels))); 2 -> K**L ~= 8N
+    kmeans_iters: int         # Lloyd iterations per level of the balanced RQ-KMeans
+    embedding_dim: int        # item embedding width the tokenizer clusters
+    cooc_window: int          # co-occurrence window (sequence positions) of the collaborative part
+    side_dim: int             # embedding columns given to item side features (genres / attributes)
+    side_weight: float        # the side part's share of the squared norm, in [0, 1]
+    ppmi_smoothing: float     # context-distribution smoothing exponent of PPMI (1 = plain PMI)
 
     def validate(self, key: str) -> None:
         _check(self.levels >= 1, f"{key}.levels", "must be >= 1")
         _check(self.codebook_size >= 2, f"{key}.codebook_size", "must be >= 2")
+        _check(self.codebook_scale > 0, f"{key}.codebook_scale", "must be > 0")
+        for name in ("kmeans_iters", "embedding_dim", "cooc_window"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _check(0 <= self.side_dim < self.embedding_dim, f"{key}.side_dim",
+               f"must be in 0..embedding_dim-1 = {self.embedding_dim - 1} (the rest is collaborative)")
+        _check(0.0 <= self.side_weight <= 1.0, f"{key}.side_weight", "must be in [0, 1]")
+        _check(0.0 < self.ppmi_smoothing <= 1.0, f"{key}.ppmi_smoothing", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -153,16 +167,58 @@ class ModelConfig:
     max_seq_len: int          # behaviour-sequence length fed to the model
     session_len: int          # items generated per request (M)
     dropout: float
+    # Knobs below are required in every preset like the rest; the defaults exist only so code
+    # can build a ModelConfig by hand, and equal GenerativeRecommender's keyword defaults
+    # (tests/unit/test_train.py checks that they agree).
+    n_kv_heads: int = 0       # key/value heads (GQA); 0 = n_heads (plain multi-head attention)
+    ffn_mult: int = 4         # FFN (and each expert's) hidden width = ffn_mult * d_model
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    moe_aux_coef: float = 0.01  # weight of the MoE load-balance loss
+    n_encoder_layers: int = 0   # arch v1 only, 0 = n_layers (v2 has no encoder and ignores it)
 
     def validate(self, key: str) -> None:
-        for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "session_len"):
+        for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "session_len", "ffn_mult"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _check(self.n_encoder_layers >= 0, f"{key}.n_encoder_layers", "must be >= 0 (0 = n_layers)")
         _check(self.d_model % self.n_heads == 0, f"{key}.d_model",
                f"{self.d_model} is not divisible by n_heads={self.n_heads}")
         _check(self.n_experts >= 0, f"{key}.n_experts", "must be >= 0")
         _check(self.n_experts == 0 or 1 <= self.top_k_experts <= self.n_experts,
                f"{key}.top_k_experts", f"must be in 1..n_experts={self.n_experts}")
         _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", "must be in [0, 1)")
+        _check(self.n_kv_heads >= 0 and (self.n_kv_heads == 0 or self.n_heads % self.n_kv_heads == 0),
+               f"{key}.n_kv_heads", f"must divide n_heads={self.n_heads} (0 = n_heads)")
+        _check(self.moe_aux_coef >= 0, f"{key}.moe_aux_coef", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int           # training examples per step (one example = context -> next session);
+                              # also users per batch in validation (x beam_size beams)
+    lr: float                 # peak AdamW learning rate, after warmup
+    weight_decay: float       # AdamW; not applied to norms, biases and embeddings
+    betas: tuple[float, float]
+    warmup_steps: int         # linear warmup from lr/warmup_steps to lr, then cosine decay to 0
+    epochs: int               # at most this many passes over the examples (the cosine spans them)
+    grad_clip: float          # max global gradient norm; 0 = no clipping
+    eval_every: int           # validate every this many steps; 0 = at the end of every epoch
+    patience: int             # stop after this many validations without a better valid NDCG@10; 0 = never
+    beam_size: int            # beams of the constrained search in validation and test (>= 10: top 10 ranked)
+    time_budget_s: float      # stop (with a checkpoint to resume from) after this many seconds; 0 = none
+    num_threads: int          # torch CPU threads while training; 0 = torch's default
+    checkpoint_every: int     # write a resumable checkpoint every this many steps; 0 = only at the end
+
+    def validate(self, key: str) -> None:
+        for name in ("batch_size", "epochs", "beam_size"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _check(self.beam_size >= 10, f"{key}.beam_size", "must be >= 10: validation ranks the top 10 items")
+        _check(self.lr > 0, f"{key}.lr", "must be > 0")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), f"{key}.betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("warmup_steps", "eval_every", "patience", "num_threads", "checkpoint_every"):
+            _check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
+        _check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 = no clipping)")
+        _check(self.time_budget_s >= 0, f"{key}.time_budget_s", "must be >= 0 (0 = no budget)")
 
 
 @dataclass(frozen=True)
@@ -176,6 +232,7 @@ class Config:
     ingest: IngestConfig
     tokenizer: TokenizerConfig
     model: ModelConfig
+    train: TrainConfig
 
 
 # --------------------------------------------------------------------------- building
@@ -194,6 +251,11 @@ def _parse_type(tp: Any, value: Any, key: str) -> Any:
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _parse_type(inner[0], value, key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        _check(isinstance(value, (list, tuple)) and len(value) == len(args), key,
+               f"expected a list of {len(args)} values, got {value!r}")
+        return tuple(_parse_type(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if tp is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                f"expected a number, got {value!r}")
