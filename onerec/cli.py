@@ -122,6 +122,14 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.eval.report import run_eval
+
+    _progress(f"evaluating on {cfg.data.dataset} ({cfg.preset}): popularity, SASRec, OneRec {cfg.model.arch}")
+    emit_figures(run_eval(cfg, args.out, model_dir=args.model), args.json)
+    return 0
+
+
 class _ArchOverride(argparse.Action):
     """--arch v1 is --set model.arch=v1."""
 
@@ -199,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--arch", choices=["v1", "v2"], action=_ArchOverride,
                          help="shortcut for --set model.arch=...")
     p_train.set_defaults(func=cmd_train)
+
+    p_eval = sub.add_parser("eval", parents=[common, json_out],
+                            help="OneRec vs popularity and SASRec on one leave-last-out split: one table")
+    p_eval.add_argument("--out", metavar="DIR", required=True,
+                        help="writes eval.json and, unless --model, the trained OneRec in DIR/onerec")
+    p_eval.add_argument("--model", metavar="DIR", help="test this saved model (onerec train --out) instead")
+    p_eval.add_argument("--arch", choices=["v1", "v2"], action=_ArchOverride,
+                        help="shortcut for --set model.arch=...")
+    p_eval.set_defaults(func=cmd_eval)
 
     sub.add_parser("demo", parents=[common, json_out],
                    help="the main job end to end on the embedded stack").set_defaults(func=cmd_demo)

@@ -222,6 +222,53 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SASRecConfig:
+    """The SASRec baseline (onerec.eval.baselines). Defaults exist so tests can build one by hand;
+    the presets give every key."""
+    # model
+    hidden: int = 64                 # item / position embedding and model width
+    n_blocks: int = 2
+    n_heads: int = 1
+    ffn_mult: int = 4                # FFN inner width = ffn_mult * hidden
+    max_len: int = 50                # newest items of a history the model reads
+    dropout: float = 0.5             # embeddings, attention, residuals; Beauty is sparse, so high
+    use_attributes: bool = False     # add the mean attribute embedding to each item embedding
+    # training
+    lr: float = 1e-3                 # Adam
+    weight_decay: float = 0.0
+    batch_size: int = 128            # sequences per step; batches hold sequences of similar length
+    max_epochs: int = 200
+    patience: int = 10               # stop after this many epochs without a better valid NDCG@10
+    time_budget_s: float = 0.0       # stop training (between steps) after this many seconds; 0 = none
+    eval_batch_size: int = 256       # users per scoring batch in validation (256 beat 1024 on CPU)
+
+    def __post_init__(self):
+        self.validate("eval.sasrec")
+
+    def validate(self, key: str) -> None:
+        for name in ("hidden", "n_blocks", "n_heads", "ffn_mult", "max_len", "batch_size", "max_epochs",
+                     "eval_batch_size"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _check(self.hidden % self.n_heads == 0, f"{key}.hidden",
+               f"{self.hidden} must be divisible by n_heads={self.n_heads}")
+        _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", f"{self.dropout} must be in [0, 1)")
+        _check(self.lr > 0 and self.weight_decay >= 0, f"{key}.lr", "lr must be > 0, weight_decay >= 0")
+        _check(self.patience >= 0 and self.time_budget_s >= 0, f"{key}.patience",
+               "patience and time_budget_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`onerec eval`: the leave-last-out comparison of OneRec with the baselines. The protocol is
+    the published one (history items stay in the ranking), so it is not a knob."""
+    batch_size: int           # users per scoring batch
+    sasrec: SASRecConfig
+
+    def validate(self, key: str) -> None:
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str
     seed: int
@@ -233,6 +280,7 @@ class Config:
     tokenizer: TokenizerConfig
     model: ModelConfig
     train: TrainConfig
+    eval: EvalConfig
 
 
 # --------------------------------------------------------------------------- building

@@ -46,7 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from onerec.data.splits import LeaveLastOut
+from onerec.config import DataConfig, SASRecConfig
+from onerec.data.loaders import Dataset, load_dataset
+from onerec.data.splits import LeaveLastOut, leave_last_out
 from onerec.eval.metrics import evaluate
 from onerec.tokenizer.embeddings import SIDE_FEATURE_COLUMNS
 
@@ -133,6 +135,23 @@ def user_sequences(split: LeaveLastOut, index: ItemIndex) -> UserSequences:
     return UserSequences(users, seqs, one_per_user(split.valid, "valid"), one_per_user(split.test, "test"))
 
 
+@dataclass(frozen=True)
+class OfflineData:
+    """A data set ready for offline evaluation: its leave-last-out split as item-index sequences."""
+    dataset: Dataset
+    split: LeaveLastOut
+    index: ItemIndex
+    seqs: UserSequences
+
+
+def offline_data(cfg: DataConfig) -> OfflineData:
+    """Load cfg's data set and split it; every model of a comparison starts from this."""
+    ds = load_dataset(cfg)
+    split = leave_last_out(ds.interactions)
+    index = ItemIndex.from_items(ds.items)
+    return OfflineData(ds, split, index, user_sequences(split, index))
+
+
 def item_attributes(items: pd.DataFrame, index: ItemIndex, column: str | None = None) -> torch.Tensor:
     """(N + 1, A) int64: row i lists item index i's attributes as 1..n_attr, right-padded with 0.
 
@@ -179,33 +198,6 @@ class Popularity:
 
 
 # --------------------------------------------------------------------------- SASRec
-
-@dataclass(frozen=True)
-class SASRecConfig:
-    # model
-    hidden: int = 64                 # item / position embedding and model width
-    n_blocks: int = 2
-    n_heads: int = 1
-    ffn_mult: int = 4                # FFN inner width = ffn_mult * hidden
-    max_len: int = 50                # newest items of a history the model reads
-    dropout: float = 0.5             # embeddings, attention, residuals; Beauty is sparse, so high
-    use_attributes: bool = False     # add the mean attribute embedding to each item embedding
-    # training
-    lr: float = 1e-3                 # Adam
-    weight_decay: float = 0.0
-    batch_size: int = 128            # sequences per step; batches hold sequences of similar length
-    max_epochs: int = 200
-    patience: int = 10               # stop after this many epochs without a better valid NDCG@10
-    time_budget_s: float | None = None  # stop training (between steps) after this many seconds
-    eval_batch_size: int = 256       # users per scoring batch in validation (256 beat 1024 on CPU)
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.hidden % self.n_heads:
-            raise ValueError(f"hidden={self.hidden} must be divisible by n_heads={self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-
 
 SELECT_METRIC = "ndcg@10"  # early stopping and the kept state are chosen on this validation metric
 
@@ -264,10 +256,11 @@ class SASRec(nn.Module):
     """
 
     def __init__(self, n_items: int, cfg: SASRecConfig = SASRecConfig(),
-                 attributes: torch.Tensor | None = None, device: str | torch.device | None = None):
+                 attributes: torch.Tensor | None = None, device: str | torch.device | None = None,
+                 seed: int = 0):
         super().__init__()
-        self.n_items, self.cfg = n_items, cfg
-        torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
+        self.n_items, self.cfg, self.seed = n_items, cfg, seed
+        torch.manual_seed(seed)  # the same seed gives the same initial weights
         self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=PAD)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         if attributes is not None and not cfg.use_attributes:
@@ -361,8 +354,8 @@ class SASRec(nn.Module):
         samples_per_s (sequences), targets_per_s (positions), elapsed_s, valid_* metrics.
         """
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)                       # dropout draws
-        gen = torch.Generator().manual_seed(cfg.seed)     # batch order
+        torch.manual_seed(self.seed)                      # dropout draws
+        gen = torch.Generator().manual_seed(self.seed)    # batch order
         examples = [np.asarray(s, dtype=np.int64)[-(cfg.max_len + 1):] for s in train if len(s) >= 2]
         if not examples:
             raise ValueError("SASRec.fit: no sequence has 2 or more items; nothing to learn from")
@@ -389,7 +382,7 @@ class SASRec(nn.Module):
                 seen, positions = seen + len(idx), positions + n_targets
                 bar.update(len(idx))
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
+                if cfg.time_budget_s and time.perf_counter() - start > cfg.time_budget_s:
                     out_of_time = True
                     break
             bar.close()

@@ -50,13 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from onerec.config import Config, ModelConfig, TrainConfig, to_dict
-from onerec.eval.baselines import (
-    SELECT_METRIC,
-    EvalSet,
-    ItemIndex,
-    Popularity,
-    user_sequences,
-)
+from onerec.eval.baselines import SELECT_METRIC, EvalSet, Popularity, offline_data
 from onerec.eval.metrics import evaluate
 
 from . import build_model
@@ -623,7 +617,6 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, prog
     resume: continue from out_dir/checkpoint with the tokenizer saved in out_dir/tokenizer.
     tracking_uri: MLflow; default MLFLOW_TRACKING_URI, else the embedded stack's env file, else none.
     """
-    from onerec.data import leave_last_out, load_dataset
     from onerec.endpoints import resolve_endpoints
     from onerec.tokenizer import SemanticIdTokenizer
 
@@ -632,10 +625,8 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, prog
     threads = torch.get_num_threads()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    ds = load_dataset(cfg.data)
-    split = leave_last_out(ds.interactions)
-    index = ItemIndex.from_items(ds.items)
-    seqs = user_sequences(split, index)
+    data_set = offline_data(cfg.data)
+    ds, split, index, seqs = data_set.dataset, data_set.split, data_set.index, data_set.seqs
     tok_dir = out / TOKENIZER_DIR
     t0 = time.perf_counter()
     if resume and tok_dir.is_dir():
