@@ -94,6 +94,13 @@ class EvalSet(NamedTuple):
     histories: list[np.ndarray]     # U item-index sequences, oldest first
     targets: np.ndarray             # (U,) the held-out item index
 
+    def sample(self, n: int, seed: int) -> EvalSet:
+        """A seeded sample of n users (all of them when n is 0 or >= U), in their original order."""
+        if not n or n >= len(self.targets):
+            return self
+        keep = np.sort(np.random.default_rng(seed).choice(len(self.targets), n, replace=False))
+        return EvalSet(self.users[keep], [self.histories[i] for i in keep], self.targets[keep])
+
 
 @dataclass(frozen=True, eq=False)
 class UserSequences:

@@ -67,7 +67,7 @@ MODEL_TENSORS, MODEL_META, TOKENIZER_DIR = "model.safetensors", "hparams.json", 
 EVAL_KS = (5, 10)
 # TrainConfig fields that may differ between a checkpoint and the run resuming it (see above).
 RESUMABLE_CHANGES = ("eval_every", "patience", "beam_size", "time_budget_s", "num_threads",
-                     "checkpoint_every")
+                     "checkpoint_every", "valid_users")
 
 
 class CheckpointError(ValueError):
@@ -645,7 +645,8 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, prog
     try:
         if tracker.active:
             tracker.log_params({"config": to_dict(cfg)})
-        result = train(model, data, cfg.train, valid=seqs.for_validation(), seed=cfg.seed,
+        valid = seqs.for_validation().sample(cfg.train.valid_users, cfg.seed)
+        result = train(model, data, cfg.train, valid=valid, seed=cfg.seed,
                        checkpoint_dir=out / "checkpoint", resume=resume, tracker=tracker, progress=progress)
         t0 = time.perf_counter()
         test = evaluate_model(model, codes, seqs.for_test(), cfg.train.beam_size, cfg.train.batch_size)

@@ -235,3 +235,17 @@ def test_length_buckets_cover_every_example_once():
     assert all(len(b) <= 3 for b in batches)
     # sorted by length before chunking: a batch spans adjacent lengths only
     assert all(lengths[b].max() - lengths[b].min() <= 1 for b in batches)
+
+
+def test_eval_set_sample_is_seeded_and_keeps_rows_together():
+    from onerec.eval.baselines import EvalSet
+
+    full = EvalSet(np.arange(100) * 10, [np.array([i, i + 1]) for i in range(100)], np.arange(100) + 5)
+    a, b = full.sample(30, seed=1), full.sample(30, seed=1)
+    assert np.array_equal(a.users, b.users) and len(a.users) == 30
+    assert not np.array_equal(a.users, full.sample(30, seed=2).users)
+    assert list(a.users) == sorted(a.users)  # original order
+    for user, hist, target in zip(*a):
+        i = user // 10
+        assert np.array_equal(hist, [i, i + 1]) and target == i + 5
+    assert full.sample(0, seed=1) is full and full.sample(500, seed=1) is full

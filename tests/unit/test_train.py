@@ -78,7 +78,7 @@ def model_config(arch: str = "v2", **kw) -> ModelConfig:
 def train_config(**kw) -> TrainConfig:
     base = {"batch_size": 16, "lr": 5e-3, "weight_decay": 0.0, "betas": (0.9, 0.98), "warmup_steps": 10,
             "epochs": 40, "grad_clip": 1.0, "eval_every": 0, "patience": 0, "beam_size": 10,
-            "time_budget_s": 0.0, "num_threads": 0, "checkpoint_every": 0}
+            "time_budget_s": 0.0, "num_threads": 0, "checkpoint_every": 0, "valid_users": 0}
     return TrainConfig(**{**base, **kw})
 
 
