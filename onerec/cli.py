@@ -199,22 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_ingest.add_argument("--max-records", type=int, metavar="N", help="stop after N records")
     p_ingest.set_defaults(func=cmd_ingest)
 
-    p_train = sub.add_parser("train", parents=[common, json_out],
+    arch = argparse.ArgumentParser(add_help=False)
+    arch.add_argument("--arch", choices=["v1", "v2"], action=_ArchOverride, help="shortcut for --set model.arch=...")
+    p_train = sub.add_parser("train", parents=[common, json_out, arch],
                              help="fit the tokenizer, train OneRec, test it (leave-last-out), save it")
     p_train.add_argument("--out", metavar="DIR", required=True,
                          help="writes model.safetensors, hparams.json, tokenizer/, checkpoint/, metrics.json")
     p_train.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
-    p_train.add_argument("--arch", choices=["v1", "v2"], action=_ArchOverride,
-                         help="shortcut for --set model.arch=...")
     p_train.set_defaults(func=cmd_train)
 
-    p_eval = sub.add_parser("eval", parents=[common, json_out],
+    p_eval = sub.add_parser("eval", parents=[common, json_out, arch],
                             help="OneRec vs popularity and SASRec on one leave-last-out split: one table")
     p_eval.add_argument("--out", metavar="DIR", required=True,
                         help="writes eval.json and, unless --model, the trained OneRec in DIR/onerec")
     p_eval.add_argument("--model", metavar="DIR", help="test this saved model (onerec train --out) instead")
-    p_eval.add_argument("--arch", choices=["v1", "v2"], action=_ArchOverride,
-                        help="shortcut for --set model.arch=...")
     p_eval.set_defaults(func=cmd_eval)
 
     sub.add_parser("demo", parents=[common, json_out],

@@ -25,13 +25,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SIZES = [4, 4, 4]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls run faster on one thread than two, on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def model_config(arch: str, **kw) -> ModelConfig:

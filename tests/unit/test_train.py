@@ -45,12 +45,7 @@ from onerec.tokenizer import SemanticIdTokenizer
 N_ITEMS, SIZES = 24, [4, 4, 3]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def item_codes(seed: int = 0) -> ItemCodes:
