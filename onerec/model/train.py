@@ -291,6 +291,24 @@ def train(model: GenerativeRecommender, data: TrainExamples, cfg: TrainConfig, *
     return result
 
 
+def train_step(model: GenerativeRecommender, opt: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor],
+               lr: float, grad_clip: float, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """One optimizer step on one batch (TrainExamples.batch: (B, S_b, L) context -> (B, M_b, L)
+    target); -> (loss, aux), not synced with the device."""
+    model.train()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with _autocast(device):
+        _, loss, aux = model(batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss, aux
+
+
 def _train(model, data, cfg, valid, seed, checkpoint_dir, resume, tracker, max_steps, progress,
            device, wall0) -> TrainResult:
     model.to(device)
@@ -351,17 +369,8 @@ def _train(model, data, cfg, valid, seed, checkpoint_dir, resume, tracker, max_s
         batches = data.epoch_batches(cfg.batch_size, epoch, seed)
         for idx in batches[state.step - epoch * steps_per_epoch:]:
             t0 = time.perf_counter()
-            model.train()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(state.step, cfg, total_steps)
-            batch = {k: v.to(device, non_blocking=True) for k, v in data.batch(idx).items()}
-            with _autocast(device):
-                _, loss, aux = model(batch)               # batch: (B, S_b, L) context -> (B, M_b, L)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            loss, aux = train_step(model, opt, data.batch(idx), lr_at(state.step, cfg, total_steps),
+                                   cfg.grad_clip, device)
             sums += torch.stack([loss.detach(), aux["ce"].detach(), aux["moe_aux"].detach()]).float()
             state.step += 1
             w = state.window
