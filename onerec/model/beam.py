@@ -110,13 +110,9 @@ def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Te
 
 def dict_trie(codes) -> dict:
     """codes: (N, L) list or tensor of unique codes -> nested dict {t0: {t1: {.. t_{L-1}: row}}}."""
-    root: dict = {}
-    for row, code in enumerate(torch.as_tensor(codes).tolist()):
-        node = root
-        for token in code[:-1]:
-            node = node.setdefault(token, {})
-        node[code[-1]] = row
-    return root
+    from onerec.tokenizer.trie import DictTrie
+
+    return DictTrie.from_codes(torch.as_tensor(codes)).root
 
 
 @torch.no_grad()
