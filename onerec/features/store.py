@@ -115,6 +115,11 @@ class OnlineWriter:
     latest event time unchanged, so its update would be lost. The offline rows keep event time
     for point-in-time joins. The feature views are looked up once: `FeatureStore.push` reads the
     registry on every call, which dominated a small batch's cost.
+
+    The rows go to the provider's `online_write_batch` as Feast's own (entity key, {feature:
+    ValueProto}, event time, created time) tuples, built column by column here: Feast's
+    `ingest_df` (kept as `write_reference`, and tested to give the same tuples) goes through arrow
+    and calls `pd.isna` on every value, ~0.5 s for a push of every MovieLens user and item.
     """
 
     def __init__(self, store):
@@ -123,5 +128,34 @@ class OnlineWriter:
 
     def write(self, view: View, rows: pd.DataFrame) -> None:
         if not rows.empty:
+            self.provider.online_write_batch(self.provider.repo_config, self.views[view.name],
+                                             online_rows(view, rows), progress=None)
+
+    def write_reference(self, view: View, rows: pd.DataFrame) -> None:
+        """The same through Feast's DataFrame path (slow; the reference for tests)."""
+        if not rows.empty:
             online = rows[view.columns].assign(**{EVENT_TS: rows[CREATED_TS]})
             self.provider.ingest_df(self.views[view.name], online)
+
+
+def online_rows(view: View, rows: pd.DataFrame) -> list[tuple]:
+    """rows (view.columns) -> Feast's online-write tuples, stamped with the `created` time."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import FloatList, Int64List, Value
+
+    scalar = {"int64": "int64_val", "float32": "float_val", "float64": "double_val"}
+    listed = {"int64[]": ("int64_list_val", Int64List), "float32[]": ("float_list_val", FloatList)}
+    columns = []
+    for name, dtype in view.fields:
+        values = rows[name].tolist()
+        if dtype in listed:
+            field, cls = listed[dtype]
+            columns.append([Value(**{field: cls(val=v)}) for v in values])
+        else:
+            columns.append([Value(**{scalar[dtype]: v}) for v in values])
+    names = [name for name, _ in view.fields]
+    keys = [EntityKey(join_keys=[view.join_key], entity_values=[Value(int64_val=k)])
+            for k in rows[view.join_key].tolist()]
+    # naive UTC, as Feast's own conversion hands them over
+    stamps = pd.to_datetime(rows[CREATED_TS]).dt.tz_convert("UTC").dt.tz_localize(None).dt.to_pydatetime()
+    return [(key, dict(zip(names, values)), ts, ts) for key, values, ts in zip(keys, zip(*columns), stamps)]

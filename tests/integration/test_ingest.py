@@ -22,7 +22,7 @@ from onerec.data.events import UserEvent
 from onerec.endpoints import read_env_file
 from onerec.features import store as feast_store
 from onerec.features.backfill import backfill
-from onerec.features.schema import ITEM_STATS, USER_AGGREGATES, USER_SEQUENCE, VIEWS
+from onerec.features.schema import CREATED_TS, EVENT_TS, ITEM_STATS, USER_AGGREGATES, USER_SEQUENCE, VIEWS
 from onerec.features.state import FeatureState
 from onerec.stream.ingest import open_ingestor
 from onerec.stream.replay import interaction_events, publish
@@ -258,3 +258,22 @@ def test_redis_outage_is_retried_without_committing_and_caught_up(env):
     env.redis.connection_pool.disconnect()
     assert _applied(env) == len(live)
     assert_online_equals_oracle(env.cfg, live)
+
+
+def test_online_rows_are_the_tuples_feasts_own_conversion_makes(env):
+    """OnlineWriter builds Feast's online-write tuples itself; they equal Feast's `ingest_df` path."""
+    _, live = real_events(env.cfg)
+    state = FeatureState(env.redis, env.cfg.features)
+    state.apply(live[:300])
+    rows = state.rows({e.user_id for e in live[:300]}, {e.item_id for e in live[:300]})
+    writer = feast_store.OnlineWriter(feast_store.open_store(env.cfg))
+    for view in VIEWS:
+        frame = rows[view.name]
+        assert len(frame) > 0, view.name
+        ours = feast_store.online_rows(view, frame)
+        theirs = writer.provider._prep_rows_to_write_for_ingestion(
+            writer.views[view.name], frame[view.columns].assign(**{EVENT_TS: frame[CREATED_TS]}))
+        assert len(ours) == len(theirs), view.name
+        for (key, values, ts, created), (key_t, values_t, ts_t, created_t) in zip(ours, theirs):
+            assert key == key_t and values == values_t, (view.name, key, values, values_t)
+            assert ts == ts_t.replace(tzinfo=None) and created == created_t.replace(tzinfo=None), view.name
