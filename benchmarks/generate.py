@@ -24,7 +24,6 @@ Prints a table, then the figures as one JSON line (last line of stdout).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 
 import torch
 
+from onerec.cli import emit_figures
 from onerec.config import load_config
 from onerec.eval.baselines import offline_data
 from onerec.model import build_model, dict_trie, generate, reference_beam_search
@@ -153,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.session_len} item(s) x {model.n_levels} levels, {codes.n_items} items)")
     for label, value in rows:
         print(f"  {label:<58} {value}")
-    line = json.dumps(figures, sort_keys=True)
-    if args.json:
-        args.json.write_text(line + "\n")
-    print(line)
+    emit_figures(figures, args.json)
     return 0 if agree else 1
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -45,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run as a script
 
 from onerec import stack  # noqa: E402
+from onerec.cli import emit_figures  # noqa: E402
 from onerec.config import load_config  # noqa: E402
 from onerec.endpoints import KAFKA_BOOTSTRAP, MLFLOW_TRACKING_URI, REDIS_URL, read_env_file  # noqa: E402
 from onerec.features import store as feast_store  # noqa: E402
@@ -496,11 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nIngest benchmark (preset {args.preset})")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    line = json.dumps(figures)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(line + "\n")
-    print(line, flush=True)
+    emit_figures(figures, args.json)
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 
 import torch  # noqa: E402
 
+from onerec.cli import emit_figures  # noqa: E402
 from onerec.config import load_config  # noqa: E402
 from onerec.eval.baselines import offline_data  # noqa: E402
 from onerec.model import build_model  # noqa: E402
@@ -326,11 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'ratio v2/v1 examples/s':<{width}}  {ratio:.2f}")
     print(f"  {'ratio v2/v1 FLOPs/sample @ preset':<{width}}  {flops_ratio:.2f}")
     print(f"  {'cpus, load average (1 min) start/end':<{width}}  {os.cpu_count()}, {load_start}/{load_end}")
-    line = json.dumps(figures)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(line + "\n")
-    print(line, flush=True)
+    emit_figures(figures, args.json)
     return 0
 
 

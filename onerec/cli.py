@@ -23,6 +23,7 @@ def emit_figures(figures: dict, json_path: str | None) -> None:
     """The machine-readable result: the last line of stdout, and optionally a file."""
     line = json.dumps(figures, sort_keys=True, default=str)
     if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(line + "\n")
     print(line, flush=True)
 
