@@ -4,7 +4,8 @@ Producers (the dataset replayer, real clients) send `event.to_json()`; the inges
 `parse_event(record.value)` and sends whatever raises `EventValidationError` to the DLQ with
 `dlq_headers(err)`, so every rejected record says why. Validation is strict (unknown fields,
 wrong types, out-of-range values are errors, never coerced): a silently "fixed" event would
-poison features and rewards downstream. Standard library only, so one core keeps up.
+poison features and rewards downstream. The standard library defines what is valid
+(`parse_event_reference`); orjson makes the common case fast.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+
+import orjson
 
 SCHEMA_VERSION = 1  # bump on any incompatible change; readers reject versions newer than theirs
 
@@ -88,12 +91,30 @@ _KNOWN_REQUIRED = frozenset(_REQUIRED)
 
 def parse_event(raw: bytes | bytearray | str, now_ms: int | None = None) -> UserEvent:
     """Decode one record value and validate it; raises EventValidationError."""
-    if isinstance(raw, str):
-        size = len(raw) if raw.isascii() else len(raw.encode("utf-8", "surrogatepass"))
-    else:
-        size = len(raw)
-    if size > MAX_EVENT_BYTES:  # before decoding, so an oversize payload costs nothing
-        raise EventValidationError("too_large", None, f"payload is {size} bytes (limit {MAX_EVENT_BYTES})")
+    _check_size(raw)
+    # Fast path: orjson decodes a valid event in a third of the stdlib's time (a tenth of the
+    # ingestor's per-event budget). It only ever accepts: anything it rejects or decodes
+    # differently from the stdlib goes through `parse_event_reference`, which decides (and words
+    # the error). orjson rejects NaN/Infinity literals, lone surrogates and deep nesting (the
+    # stdlib path then handles them), and decodes integers beyond 64 bits as floats: those can
+    # only pass validation as context values, so a context float of |x| >= 2**63 takes that path.
+    now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms  # one clock for both paths
+    try:
+        d = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return parse_event_reference(raw, now_ms)
+    try:
+        event = event_from_dict(d, now_ms)
+    except EventValidationError:
+        return parse_event_reference(raw, now_ms)
+    if event.context and any(type(v) is float and abs(v) >= 2.0**63 for v in event.context.values()):
+        return parse_event_reference(raw, now_ms)
+    return event
+
+
+def parse_event_reference(raw: bytes | bytearray | str, now_ms: int | None = None) -> UserEvent:
+    """`parse_event` with the standard library's decoder alone: the definition of what is valid."""
+    _check_size(raw)
     try:
         # UTF-8 only (RFC 8259 for JSON on the wire), decoded here: json.loads(bytes) would spend
         # a fifth of the time sniffing for UTF-16/32. NaN/Infinity literals decode to floats and
@@ -104,6 +125,16 @@ def parse_event(raw: bytes | bytearray | str, now_ms: int | None = None) -> User
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the int digit limit
         raise EventValidationError("malformed_json", None, f"not valid JSON: {e}") from None
     return event_from_dict(d, now_ms)
+
+
+def _check_size(raw: bytes | bytearray | str) -> None:
+    """Before decoding, so an oversize payload costs nothing; a str counts as its UTF-8 bytes.
+    A str of at most a quarter of the limit in characters fits (UTF-8 takes at most 4 bytes each)."""
+    if len(raw) <= MAX_EVENT_BYTES // 4:
+        return
+    size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)
+    if size > MAX_EVENT_BYTES:
+        raise EventValidationError("too_large", None, f"payload is {size} bytes (limit {MAX_EVENT_BYTES})")
 
 
 def event_from_dict(d: dict, now_ms: int | None = None) -> UserEvent:

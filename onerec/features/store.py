@@ -157,5 +157,5 @@ def online_rows(view: View, rows: pd.DataFrame) -> list[tuple]:
     keys = [EntityKey(join_keys=[view.join_key], entity_values=[Value(int64_val=k)])
             for k in rows[view.join_key].tolist()]
     # naive UTC, as Feast's own conversion hands them over
-    stamps = pd.to_datetime(rows[CREATED_TS]).dt.tz_convert("UTC").dt.tz_localize(None).dt.to_pydatetime()
+    stamps = pd.DatetimeIndex(rows[CREATED_TS]).tz_convert("UTC").tz_localize(None).to_pydatetime()
     return [(key, dict(zip(names, values)), ts, ts) for key, values, ts in zip(keys, zip(*columns), stamps)]

@@ -193,16 +193,18 @@ class Ingestor:
     # ------------------------------------------------------------------ one batch
     def _process(self, batch: dict, consumer, dlq) -> None:
         events, record_times = [], []
+        now_ms = time.time_ns() // 1_000_000  # "too far in the future" is judged once a batch
         for tp, records in batch.items():  # each partition's records in offset order
             for record in records:
-                self.stats.consumed += 1
                 try:
-                    events.append(parse_event(record.value))
+                    events.append(parse_event(record.value, now_ms))
                     record_times.append(record.timestamp / 1000.0)
                 except EventValidationError as err:
                     self._to_dlq(dlq, record, err)
             self._offsets[tp] = records[-1].offset + 1
-        self.metrics.consumed.inc(sum(len(r) for r in batch.values()))
+        consumed = sum(len(r) for r in batch.values())
+        self.stats.consumed += consumed
+        self.metrics.consumed.inc(consumed)
         # The previous batch was applied in the background while this one was fetched and parsed:
         # the Lua script runs in redis-server, on another core, for a third of an event's cost.
         self._settle(consumer)

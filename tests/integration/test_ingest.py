@@ -124,6 +124,16 @@ def test_feature_state_matches_the_oracle_on_every_event_type(env):
         assert_rows_match(rows[view.name], expected[view.name], view.feature_names, view.join_key)
 
 
+def test_an_event_that_breaks_the_scripts_line_format_fails_the_batch_before_any_write(env):
+    events = synthetic_events(n=20)
+    bad = dataclasses.replace(events[10], event_id="has\ttab")  # parse_event never lets one through
+    state = FeatureState(env.redis, env.cfg.features)
+    with pytest.raises(redis.ResponseError, match="malformed event line"):
+        state.apply([*events[:10], bad, *events[11:]])
+    assert env.redis.dbsize() == 0  # not even the first events' `seen` marks
+    assert state.apply(events).applied == len(events)
+
+
 def test_backfill_then_stream_equals_the_oracle_online_and_offline(env):
     history, live = real_events(env.cfg)
     result = backfill(env.cfg, env.redis, progress=False)

@@ -8,7 +8,7 @@ import pytest
 
 from onerec.data.events import (EVENT_TYPES, MAX_EVENT_BYTES, MIN_EVENT_TIME_MS, REASONS, SCHEMA_VERSION,
                                 EventValidationError, UserEvent, dlq_headers, event_from_dict, parse_event,
-                                validate)
+                                parse_event_reference, validate)
 
 NOW_MS = 1_700_000_000_000  # a fixed "now" so time checks never depend on the clock
 DAY_MS = 86_400_000
@@ -129,6 +129,59 @@ def test_round_trip_many_events():
         raw = e.to_json()
         assert parse_event(raw, now_ms=NOW_MS) == e
         assert raw == parse_event(raw, now_ms=NOW_MS).to_json()  # canonical bytes
+
+
+def outcome(parse_fn, raw):
+    try:
+        return parse_fn(raw, now_ms=NOW_MS)
+    except EventValidationError as err:
+        return (err.reason, err.field, str(err))
+
+
+# Payloads where orjson and the standard library decode differently, or where one of them fails.
+DECODER_EDGES = [
+    json.dumps(with_(context={"big": 2**64})),               # orjson: a float; the stdlib: an int
+    json.dumps(with_(context={"big": -2**63 - 1})),
+    json.dumps(with_(context={"f": 2.0**63})),               # a real float that large is still valid
+    json.dumps(with_(context={"u64": 2**64 - 1})),
+    json.dumps(with_(user_id=2**64)),
+    json.dumps(with_(user_id=2**64 - 1)),
+    json.dumps(with_(item_id=-2**63 - 1)),
+    json.dumps(with_(event_time_ms=10**30)),
+    json.dumps(with_(event_type="play", play_duration_s=2**70)),
+    json.dumps(with_(context={"x": 1})).replace("1}", "1e400}"),  # inf: orjson fails, the stdlib decodes
+    json.dumps(with_(context={"x": 1})).replace("1}", "NaN}"),
+    json.dumps(with_(event_id="e")).replace('"e"', '"\\ud800"'),   # a lone surrogate escape
+    json.dumps(with_(request_id="r")).replace('"r"', '"\\ud83d\\ude00"'),  # a valid pair
+    json.dumps(MINIMAL).replace('"e-1"', '"e-1", "event_id": "e-2"'),  # duplicate key: the last wins
+    "\ufeff" + json.dumps(MINIMAL),
+    b"\xef\xbb\xbf" + json.dumps(MINIMAL).encode(),
+    json.dumps(MINIMAL, ensure_ascii=False).replace('"e-1"', '"é-1"'),
+    json.dumps(MINIMAL).replace('"e-1"', '"é-1"').encode("utf-8"),
+    json.dumps(MINIMAL).replace('"e-1"', '"é-1"').encode("latin-1"),
+    bytearray(json.dumps(MINIMAL).encode()),
+    "[" * 2000 + "]" * 2000,
+    '{"a":' * 2000 + "1" + "}" * 2000,
+    json.dumps(MINIMAL) + " \n\t",
+    json.dumps(MINIMAL) + " x",
+    json.dumps(with_(rating=5)).replace("5", "5.0000000000000000000001"),
+    json.dumps(with_(event_type="rate", rating=1)).replace(": 1}", ": 0.99999999999999999999}"),
+    "",
+    "null",
+]
+
+
+@pytest.mark.parametrize("raw", DECODER_EDGES, ids=range(len(DECODER_EDGES)))
+def test_fast_parse_agrees_with_the_reference_on_decoder_edges(raw):
+    assert outcome(parse_event, raw) == outcome(parse_event_reference, raw)
+
+
+def test_fast_parse_agrees_with_the_reference_on_random_events():
+    rng = random.Random(1)
+    for _ in range(500):
+        raw = random_event(rng).to_json()
+        mutated = raw.replace(b'"', b"", 1) if rng.random() < 0.2 else raw  # some malformed too
+        assert outcome(parse_event, mutated) == outcome(parse_event_reference, mutated)
 
 
 def test_to_json_is_compact_sorted_and_omits_none():
