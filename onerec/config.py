@@ -175,6 +175,7 @@ class ModelConfig:
     activation: Literal["swiglu", "gelu"] = "swiglu"
     moe_aux_coef: float = 0.01  # weight of the MoE load-balance loss
     n_encoder_layers: int = 0   # arch v1 only, 0 = n_layers (v2 has no encoder and ignores it)
+    item_embedding: bool = False  # context events also get a learned vector per item (needs n_items)
 
     def validate(self, key: str) -> None:
         for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "session_len", "ffn_mult"):

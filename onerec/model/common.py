@@ -4,6 +4,7 @@ training loss and the generation interface that beam search drives.
 Batch (a dict of tensors; "target" only for training):
     context       (B, S, L) int64  semantic-ID codes of the last S events (S <= max_seq_len);
                                     padded slots may hold any value, e.g. -1
+    context_items (B, S)    int64  their item indices 1..N, 0 = padding (read iff item_embedding)
     context_mask  (B, S)    bool   True = real event (default: context[..., 0] >= 0)
     side          (B, S, F) float  per-event side features (required iff n_side_features > 0)
     user          (B, U)    float  user features (required iff n_user_features > 0)
@@ -76,13 +77,21 @@ class SemanticIdEmbedding(nn.Module):
 
 class ContextEmbedding(nn.Module):
     """Context events -> (B, 1 + S, D) vectors and mask. Event vector = item embedding (sum of
-    its level embeddings) + side-feature projection + recency embedding (0 = the latest event,
-    so left and right padding give the same result). Token 0 is a learned start vector plus the
-    user-feature projection; it is always valid, so no user has an empty context."""
+    its level embeddings, + a vector of its own when n_items > 0) + side-feature projection +
+    recency embedding (0 = the latest event, so left and right padding give the same result).
+    Token 0 is a learned start vector plus the user-feature projection; it is always valid, so
+    no user has an empty context.
 
-    def __init__(self, d_model: int, max_seq_len: int, n_side_features: int, n_user_features: int):
+    The per-item vector gives the context what semantic IDs share between items: items with a
+    common prefix (and the colliding ones, told apart only by a last, meaning-free level) get
+    one sum of level embeddings, so the model cannot tell their histories apart by codes alone.
+    Outputs stay semantic IDs: the vocabulary the decoder generates does not grow with N."""
+
+    def __init__(self, d_model: int, max_seq_len: int, n_side_features: int, n_user_features: int,
+                 n_items: int = 0):
         super().__init__()
         self.max_seq_len = max_seq_len
+        self.item = nn.Embedding(n_items + 1, d_model) if n_items else None  # row 0 = padding
         self.recency = nn.Embedding(max_seq_len, d_model)
         self.start = nn.Parameter(torch.zeros(d_model))
         self.side = nn.Linear(n_side_features, d_model) if n_side_features else None
@@ -98,6 +107,11 @@ class ContextEmbedding(nn.Module):
         mask = batch.get("context_mask")
         mask = (codes[..., 0] >= 0) if mask is None else mask.bool()          # (B, S)
         x = emb.items(codes.clamp(min=0))                                     # (B, S, D)
+        if self.item is not None:
+            if batch.get("context_items") is None:
+                raise ValueError("the model was built with item_embedding (n_items="
+                                 f"{self.item.num_embeddings - 1}) but the batch has no 'context_items'")
+            x = x + self.item(batch["context_items"])                         # (B, S, D)
         x = x + _optional(self.side, batch, "side", "n_side_features")
         recency = mask.flip(1).cumsum(1).flip(1) - 1                          # (B, S) 0 = latest
         x = x + self.recency(recency.clamp(min=0))
@@ -149,13 +163,17 @@ class GenerativeRecommender(nn.Module):
 
     arch = ""
 
-    def __init__(self, cfg: ModelConfig, *, codebook_sizes: list[int] | None = None,
+    def __init__(self, cfg: ModelConfig, *, codebook_sizes: list[int] | None = None, n_items: int = 0,
                  n_kv_heads: int | None = None, n_side_features: int = 0, n_user_features: int = 0,
                  ffn_mult: int = 4, activation: str = "swiglu", moe_aux_coef: float = 0.01):
         super().__init__()
         if not codebook_sizes:
             raise ValueError("codebook_sizes is required: pass the tokenizer's codebook_sizes "
                              "(one vocabulary size per semantic-ID level)")
+        if cfg.item_embedding and n_items < 1:
+            raise ValueError("model.item_embedding needs n_items: pass the catalogue size (the "
+                             "tokenizer's item count; item index i + 1 <-> its item_ids[i])")
+        n_items = n_items if cfg.item_embedding else 0
         n_kv_heads = cfg.n_heads if n_kv_heads is None else n_kv_heads
         if n_kv_heads < 1 or cfg.n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={cfg.n_heads}")
@@ -168,12 +186,13 @@ class GenerativeRecommender(nn.Module):
         self.n_kv_heads = n_kv_heads
         self.n_side_features, self.n_user_features = n_side_features, n_user_features
         self.ffn_hidden, self.activation, self.moe_aux_coef = ffn_mult * cfg.d_model, activation, moe_aux_coef
-        self._extra = dict(codebook_sizes=self.codebook_sizes, n_kv_heads=n_kv_heads,
+        self.n_items = n_items
+        self._extra = dict(codebook_sizes=self.codebook_sizes, n_items=n_items, n_kv_heads=n_kv_heads,
                            n_side_features=n_side_features, n_user_features=n_user_features,
                            ffn_mult=ffn_mult, activation=activation, moe_aux_coef=moe_aux_coef)
         d = cfg.d_model
         self.emb = SemanticIdEmbedding(self.codebook_sizes, d)
-        self.context = ContextEmbedding(d, cfg.max_seq_len, n_side_features, n_user_features)
+        self.context = ContextEmbedding(d, cfg.max_seq_len, n_side_features, n_user_features, n_items)
         self.max_target_len = cfg.session_len * self.n_levels
         self.position = nn.Embedding(self.max_target_len, d)                  # decoder positions
         self.drop = nn.Dropout(cfg.dropout)

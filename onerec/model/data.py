@@ -46,6 +46,16 @@ def fit_tokenizer(interactions: pd.DataFrame, items: pd.DataFrame, cfg: Tokenize
                                    scale=cfg.codebook_scale, n_iter=cfg.kmeans_iters, seed=seed)
 
 
+def catalogue_size(tok: SemanticIdTokenizer, index: ItemIndex) -> int:
+    """N for a model's per-item vectors (model.item_embedding), after checking that item index
+    i + 1 is the tokenizer's item_ids[i]: the model ships with its tokenizer, which then maps
+    raw ids to the rows of that table too."""
+    if not np.array_equal(tok.item_ids, index.item_ids):
+        raise ValueError(f"the tokenizer's {len(tok.item_ids)} items are not the catalogue's {len(index)}: "
+                         "fit the tokenizer on the same items table")
+    return len(index)
+
+
 @dataclass(frozen=True, eq=False)
 class ItemCodes:
     """Semantic IDs by item index: table[i] is item index i's code, row 0 (padding) is all -1."""
@@ -100,8 +110,8 @@ class TrainExamples:
         return list(order.split(batch_size))
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Examples `idx` (B,) -> {context (B, S_b, L), context_mask (B, S_b), target (B, M_b, L),
-        target_mask (B, M_b)} with S_b <= max_seq_len and M_b <= session_len trimmed to the longest
+        """Examples `idx` (B,) -> {context (B, S_b, L), context_items (B, S_b), context_mask (B, S_b),
+        target (B, M_b, L), target_mask (B, M_b)} with S_b <= max_seq_len and M_b <= session_len trimmed to the longest
         context / session in the batch (short histories cost no padding)."""
         pos, start, end = self.pos[idx], self.start[idx], self.end[idx]              # (B,) each
         s_b = int((pos - start).clamp(max=self.max_seq_len).max())                    # >= 1 (t >= 1)
@@ -114,6 +124,7 @@ class TrainExamples:
         tgt_items = torch.where(tgt_mask, self.items[tgt_pos.clamp(max=len(self.items) - 1)], 0)
         return {
             "context": self.codes.table[ctx_items],                                   # (B, S_b, L) -1 = pad
+            "context_items": ctx_items,                                               # (B, S_b) 0 = pad
             "context_mask": ctx_mask,
             "target": self.codes.table[tgt_items].clamp(min=0),                       # (B, M_b, L)
             "target_mask": tgt_mask,
@@ -152,7 +163,8 @@ def build_examples(sequences: Sequence[Sequence[int]], codes: ItemCodes, max_seq
 
 def context_batch(histories: Sequence[Sequence[int]], codes: ItemCodes, max_seq_len: int,
                   device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """Histories (item indices 1..N, oldest first) -> {context (B, S, L), context_mask (B, S)}:
+    """Histories (item indices 1..N, oldest first) -> {context (B, S, L), context_items (B, S),
+    context_mask (B, S)}:
     the newest <= max_seq_len items of each, left-padded; S = the longest kept history (>= 1).
     An empty history is all padding (the model's start token still gives it a context)."""
     kept = [np.asarray(h, dtype=np.int64)[len(h) - min(len(h), max_seq_len):] for h in histories]
@@ -163,4 +175,5 @@ def context_batch(histories: Sequence[Sequence[int]], codes: ItemCodes, max_seq_
     if lengths.sum():
         items[mask] = np.concatenate(kept)          # row-major fill: each row's slots in order
     items_t = torch.from_numpy(items)
-    return {"context": codes.table[items_t].to(device), "context_mask": torch.from_numpy(mask).to(device)}
+    return {"context": codes.table[items_t].to(device), "context_items": items_t.to(device),
+            "context_mask": torch.from_numpy(mask).to(device)}

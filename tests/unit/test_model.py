@@ -74,8 +74,8 @@ def make_batch(codes: torch.Tensor, n_users: int, seq: int, session: int, seed: 
     mask = torch.arange(seq)[None, :] < lengths[:, None]                     # (B, S)
     context = torch.where(mask[..., None], codes[ctx_items], torch.full_like(codes[ctx_items], -1))
     target_items = torch.stack([torch.randperm(n, generator=g)[:session] for _ in range(n_users)])
-    batch = {"context": context, "context_mask": mask, "target": codes[target_items],
-             "target_items": target_items}
+    batch = {"context": context, "context_items": torch.where(mask, ctx_items + 1, 0), "context_mask": mask,
+             "target": codes[target_items], "target_items": target_items}
     if n_side:
         batch["side"] = torch.randn(n_users, seq, n_side, generator=g)
     return {k: v.to(device) for k, v in batch.items()}
@@ -263,10 +263,12 @@ def test_generated_sessions_are_valid_items_without_repeats(arch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arch,n_items,session_len,beam", [
-    ("v1", 8, 2, 3), ("v2", 8, 3, 4), ("v1", 6, 3, 4), ("v2", 20, 1, 5),
+@pytest.mark.parametrize("arch,n_items,session_len,beam,item_embedding", [
+    ("v1", 8, 2, 3, False), ("v2", 8, 3, 4, False), ("v1", 6, 3, 4, True), ("v2", 20, 1, 5, False),
+    ("v2", 8, 2, 4, True),
 ])
-def test_batched_beam_search_matches_reference(device, arch, n_items, session_len, beam, monkeypatch):
+def test_batched_beam_search_matches_reference(device, arch, n_items, session_len, beam, item_embedding,
+                                               monkeypatch):
     """Same items and scores (incl. -inf for beams that ran out of non-repeating items); few items,
     so the no-repeat mask is exercised."""
     import onerec.model.beam as beam_module
@@ -281,7 +283,8 @@ def test_batched_beam_search_matches_reference(device, arch, n_items, session_le
 
     monkeypatch.setattr(beam_module, "_completes_seen_item", counting)
     codes = random_codes(n_items, seed=3)
-    model = spread_weights(make_model(arch, n_layers=1, d_model=16, device=device))
+    model = spread_weights(make_model(arch, n_layers=1, d_model=16, device=device, item_embedding=item_embedding,
+                                      extra={"n_items": n_items}))
     batch = model_batch(make_batch(codes, 3, 5, 1, seed=2, device=device))
     allowed, item_of = brute_force_fns(codes)
     items, scores = generate(model, batch, allowed, item_of, beam, session_len, topk=beam)
@@ -349,11 +352,11 @@ def test_same_seed_same_model_and_training(arch):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize("arch", ["v1", "v2"])
-def test_safetensors_round_trip_gives_identical_outputs(arch, tmp_path):
+@pytest.mark.parametrize("arch,item_embedding", [("v1", False), ("v2", False), ("v2", True)])
+def test_safetensors_round_trip_gives_identical_outputs(arch, item_embedding, tmp_path):
     codes = random_codes(30)
     batch = model_batch(make_batch(codes, 3, 6, 2))
-    model = make_model(arch, seed=3).eval()
+    model = make_model(arch, seed=3, item_embedding=item_embedding, extra={"n_items": 30}).eval()
     save_file(model.state_dict(), tmp_path / "model.safetensors")
     hp = model.hparams
     clone = build_model(ModelConfig(**hp["cfg"]), **hp["extra"])
@@ -378,3 +381,24 @@ def test_clear_errors_for_bad_knobs_and_batches():
         make_model("v2", extra={"n_side_features": 2})(batch)
     with pytest.raises(ValueError, match="max_seq_len"):
         make_model("v1", max_seq_len=4)(batch)
+
+
+@pytest.mark.parametrize("arch", ["v1", "v2"])
+def test_item_embedding_tells_items_apart_that_codes_alone_cannot(arch):
+    """With model.item_embedding the context's item indices change the outputs; without it only
+    the codes do (so two items sharing every level embedding would look alike)."""
+    codes = random_codes(30)
+    batch = model_batch(make_batch(codes, 3, 6, 2))
+    other_items = dict(batch, context_items=torch.where(batch["context_mask"], 31 - batch["context_items"], 0))
+    with_items = spread_weights(make_model(arch, item_embedding=True, extra={"n_items": 30})).eval()
+    plain = spread_weights(make_model(arch)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(with_items(batch)[0][0], with_items(other_items)[0][0])
+        assert torch.equal(plain(batch)[0][0], plain(other_items)[0][0])
+        padded = dict(batch, context_items=torch.where(batch["context_mask"], batch["context_items"], 7))
+        torch.testing.assert_close(with_items(padded)[0][0], with_items(batch)[0][0])  # padding is masked
+    assert with_items.num_params() - plain.num_params() == 31 * 32                  # N + 1 rows of d_model
+    with pytest.raises(ValueError, match="no 'context_items'"):
+        with_items({k: v for k, v in batch.items() if k != "context_items"})
+    with pytest.raises(ValueError, match="item_embedding needs n_items"):
+        make_model(arch, item_embedding=True)

@@ -325,7 +325,9 @@ def test_model_config_defaults_agree_with_the_model_constructors():
     kw = {**inspect.signature(GenerativeRecommender.__init__).parameters,
           **inspect.signature(OneRecV1.__init__).parameters}
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
-    assert set(defaults) == {"n_kv_heads", "ffn_mult", "activation", "moe_aux_coef", "n_encoder_layers"}
+    assert set(defaults) == {"n_kv_heads", "ffn_mult", "activation", "moe_aux_coef", "n_encoder_layers",
+                             "item_embedding"}
+    assert defaults.pop("item_embedding") is False and kw["n_items"].default == 0   # read from cfg, sized by n_items
     for name, value in defaults.items():
         model_default = kw[name].default
         assert value == (0 if model_default is None else model_default), name   # 0 = None = "same as"
