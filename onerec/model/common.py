@@ -82,10 +82,10 @@ class ContextEmbedding(nn.Module):
     Token 0 is a learned start vector plus the user-feature projection; it is always valid, so
     no user has an empty context.
 
-    The per-item vector gives the context what semantic IDs share between items: items with a
-    common prefix (and the colliding ones, told apart only by a last, meaning-free level) get
-    one sum of level embeddings, so the model cannot tell their histories apart by codes alone.
-    Outputs stay semantic IDs: the vocabulary the decoder generates does not grow with N."""
+    Why the per-item vector: items with a common code prefix share most of their sum of level
+    embeddings, and colliding items (told apart only by a last, meaning-free level) nearly all
+    of it, so by codes alone the model can hardly tell such histories apart. Outputs stay
+    semantic IDs: the vocabulary the decoder generates does not grow with N."""
 
     def __init__(self, d_model: int, max_seq_len: int, n_side_features: int, n_user_features: int,
                  n_items: int = 0):
@@ -186,7 +186,6 @@ class GenerativeRecommender(nn.Module):
         self.n_kv_heads = n_kv_heads
         self.n_side_features, self.n_user_features = n_side_features, n_user_features
         self.ffn_hidden, self.activation, self.moe_aux_coef = ffn_mult * cfg.d_model, activation, moe_aux_coef
-        self.n_items = n_items
         self._extra = dict(codebook_sizes=self.codebook_sizes, n_items=n_items, n_kv_heads=n_kv_heads,
                            n_side_features=n_side_features, n_user_features=n_user_features,
                            ffn_mult=ffn_mult, activation=activation, moe_aux_coef=moe_aux_coef)
