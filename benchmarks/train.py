@@ -46,7 +46,7 @@ from onerec.cli import emit_figures  # noqa: E402
 from onerec.config import load_config  # noqa: E402
 from onerec.eval.baselines import offline_data  # noqa: E402
 from onerec.model import build_model  # noqa: E402
-from onerec.model.data import ItemCodes, build_examples, catalogue_size, fit_tokenizer  # noqa: E402
+from onerec.model.data import ItemCodes, build_examples, fit_tokenizer, item_table_size  # noqa: E402
 from onerec.model.layers import MoE  # noqa: E402
 from onerec.model.train import _autocast, lr_at, make_optimizer, train_step  # noqa: E402
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("v2", dataclasses.replace(cfg.model, arch="v2"))]
     if args.v1_full_encoder:
         variants.append(("v1_full_encoder", dataclasses.replace(cfg.model, arch="v1", n_encoder_layers=0)))
-    n_items = catalogue_size(tok, data_set.index)
+    n_items = item_table_size(cfg.model, tok, data_set.index)  # the archs share model.item_embedding
     runners = [Runner(name, mcfg, tok.codebook_sizes, n_items, cfg.train, total_steps, cfg.seed, device)
                for name, mcfg in variants]
     for r in runners:

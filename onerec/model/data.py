@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from onerec.config import TokenizerConfig
+from onerec.config import ModelConfig, TokenizerConfig
 from onerec.eval.baselines import ItemIndex
 from onerec.tokenizer import CodeTrie, SemanticIdTokenizer, item_embeddings
 
@@ -46,10 +46,12 @@ def fit_tokenizer(interactions: pd.DataFrame, items: pd.DataFrame, cfg: Tokenize
                                    scale=cfg.codebook_scale, n_iter=cfg.kmeans_iters, seed=seed)
 
 
-def catalogue_size(tok: SemanticIdTokenizer, index: ItemIndex) -> int:
-    """N for a model's per-item vectors (model.item_embedding), after checking that item index
-    i + 1 is the tokenizer's item_ids[i]: the model ships with its tokenizer, which then maps
-    raw ids to the rows of that table too."""
+def item_table_size(model_cfg: ModelConfig, tok: SemanticIdTokenizer, index: ItemIndex) -> int:
+    """build_model's n_items: 0 without model.item_embedding, else N after checking that item
+    index i + 1 is the tokenizer's item_ids[i] (the model ships with its tokenizer, which then
+    maps raw ids to the rows of its per-item table too)."""
+    if not model_cfg.item_embedding:
+        return 0
     if not np.array_equal(tok.item_ids, index.item_ids):
         raise ValueError(f"the tokenizer's {len(tok.item_ids)} items are not the catalogue's {len(index)}: "
                          "fit the tokenizer on the same items table")
@@ -111,8 +113,8 @@ class TrainExamples:
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """Examples `idx` (B,) -> {context (B, S_b, L), context_items (B, S_b), context_mask (B, S_b),
-        target (B, M_b, L), target_mask (B, M_b)} with S_b <= max_seq_len and M_b <= session_len trimmed to the longest
-        context / session in the batch (short histories cost no padding)."""
+        target (B, M_b, L), target_mask (B, M_b)} with S_b <= max_seq_len and M_b <= session_len
+        trimmed to the longest context / session in the batch (short histories cost no padding)."""
         pos, start, end = self.pos[idx], self.start[idx], self.end[idx]              # (B,) each
         s_b = int((pos - start).clamp(max=self.max_seq_len).max())                    # >= 1 (t >= 1)
         ctx_pos = pos[:, None] - s_b + torch.arange(s_b)                              # (B, S_b) oldest first

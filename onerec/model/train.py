@@ -56,7 +56,7 @@ from onerec.eval.metrics import evaluate
 from . import build_model
 from .beam import topk_next_items
 from .common import GenerativeRecommender
-from .data import ItemCodes, TrainExamples, build_examples, catalogue_size, context_batch, fit_tokenizer
+from .data import ItemCodes, TrainExamples, build_examples, context_batch, fit_tokenizer, item_table_size
 
 log = logging.getLogger(__name__)
 
@@ -647,7 +647,7 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, prog
     codes = ItemCodes.from_tokenizer(tok, index)
     data = build_examples(seqs.train, codes, cfg.model.max_seq_len, cfg.model.session_len)
     torch.manual_seed(cfg.seed)                           # initial weights
-    model = build_model(cfg.model, codebook_sizes=tok.codebook_sizes, n_items=catalogue_size(tok, index))
+    model = build_model(cfg.model, codebook_sizes=tok.codebook_sizes, n_items=item_table_size(cfg.model, tok, index))
 
     uri = tracking_uri or resolve_endpoints(cfg.stack.state_dir).mlflow_tracking_uri
     tracker = Tracker(uri, experiment=f"onerec-train-{cfg.data.dataset}", run_name=f"{cfg.preset}-{cfg.model.arch}")

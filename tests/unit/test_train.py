@@ -27,7 +27,7 @@ from onerec.config import (
 from onerec.eval import EvalSet
 from onerec.model import OneRecV1, build_model, generate, topk_next_items
 from onerec.model.common import GenerativeRecommender
-from onerec.model.data import ItemCodes, build_examples, context_batch, fit_tokenizer
+from onerec.model.data import ItemCodes, build_examples, context_batch, fit_tokenizer, item_table_size
 from onerec.model.train import (
     CHECKPOINT_META,
     CHECKPOINT_TENSORS,
@@ -138,6 +138,19 @@ def test_context_batch_keeps_the_newest_items_left_padded():
     assert ctx["context_mask"].tolist() == [[True] * 3, [False, False, True], [False] * 3]
     assert torch.equal(ctx["context"][0], codes.table[[3, 4, 5]])
     assert torch.equal(ctx["context"][1, 2], codes.table[6]) and (ctx["context"][2] == -1).all()
+    assert ctx["context_items"].tolist() == [[3, 4, 5], [0, 0, 6], [0, 0, 0]]     # 0 = padding
+
+
+def test_item_table_rows_are_the_tokenizers_items():
+    from onerec.eval.baselines import ItemIndex
+
+    ids = np.array([3, 8, 20, 41])
+    tok = SemanticIdTokenizer.fit(ids, np.random.default_rng(0).normal(size=(4, 6)), levels=2, codebook_size=2)
+    with_table, without = model_config(item_embedding=True), model_config(item_embedding=False)
+    assert item_table_size(with_table, tok, ItemIndex(ids)) == 4
+    assert item_table_size(without, tok, ItemIndex(np.array([3, 8, 20]))) == 0   # no table: nothing to match
+    with pytest.raises(ValueError, match="not the catalogue's 3"):
+        item_table_size(with_table, tok, ItemIndex(np.array([3, 8, 20])))
 
 
 # --------------------------------------------------------------------------- optimizer, schedule
