@@ -224,20 +224,31 @@ def _applied(env) -> int:
 def test_sigkill_mid_stream_then_restart_loses_nothing_and_counts_nothing_twice(env):
     _, live = real_events(env.cfg)
     topic = env.cfg.kafka.user_events.name
+    # The last fifth is held back until the kill, so the kill lands mid-stream however the
+    # ingestor's batches happen to fall (one batch can take everything published so far).
+    held_back, killed = len(live) * 4 // 5, threading.Event()
+
+    def send():
+        for i in range(100, len(live), 50):
+            if i >= held_back:
+                killed.wait(timeout=120)
+            publish(live[i:i + 50], env.bootstrap, topic, progress=False)
+            time.sleep(0.1)
+
     proc = _ingest_process(env)
     try:
         publish(live[:100], env.bootstrap, topic, progress=False)
         wait_for(lambda: _applied(env) >= 100, "the ingestor to start")  # joined and writing
-        sender = threading.Thread(target=lambda: [publish(live[i:i + 50], env.bootstrap, topic, progress=False)
-                                                  or time.sleep(0.1) for i in range(100, len(live), 50)])
+        sender = threading.Thread(target=send)
         sender.start()
         wait_for(lambda: _applied(env) >= len(live) // 2, "half of the stream")
-        assert _applied(env) < len(live), "the kill must land mid-stream"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        sender.join(timeout=120)
+        assert _applied(env) < len(live), "the kill must land mid-stream"
     finally:
         proc.kill()
+        killed.set()
+    sender.join(timeout=120)
     restarted = _ingest_process(env, "--idle-exit", "3")
     out, _ = restarted.communicate(timeout=240)
     assert restarted.returncode == 0, out
