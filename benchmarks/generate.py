@@ -38,8 +38,8 @@ import torch
 from onerec.cli import emit_figures
 from onerec.config import load_config
 from onerec.eval.baselines import offline_data
-from onerec.model import build_model, dict_trie, generate, reference_beam_search
-from onerec.model.data import ItemCodes, context_batch, fit_tokenizer, item_table_size
+from onerec.model import dict_trie, generate, reference_beam_search
+from onerec.model.data import ItemCodes, catalogue_model, context_batch, fit_tokenizer
 from onerec.model.train import load_model
 from onerec.tokenizer.trie import DictTrie
 
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tok = fit_tokenizer(data.split.train, data.dataset.items, cfg.tokenizer, cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, codebook_sizes=tok.codebook_sizes,
-                            n_items=item_table_size(cfg.model, tok, data.index)).to(device).eval()
+        model = catalogue_model(cfg.model, tok, data.index, data.dataset.items).to(device).eval()
     if args.session_len * model.n_levels > model.max_target_len:
         parser.error(f"--session-len {args.session_len}: the model decodes at most {model.cfg.session_len} items")
     codes = ItemCodes.from_tokenizer(tok, data.index)

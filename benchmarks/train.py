@@ -45,8 +45,7 @@ import torch  # noqa: E402
 from onerec.cli import emit_figures  # noqa: E402
 from onerec.config import load_config  # noqa: E402
 from onerec.eval.baselines import offline_data  # noqa: E402
-from onerec.model import build_model  # noqa: E402
-from onerec.model.data import ItemCodes, build_examples, fit_tokenizer, item_table_size  # noqa: E402
+from onerec.model.data import ItemCodes, build_examples, catalogue_model, fit_tokenizer  # noqa: E402
 from onerec.model.layers import MoE  # noqa: E402
 from onerec.model.train import _autocast, lr_at, make_optimizer, train_step  # noqa: E402
 
@@ -66,11 +65,11 @@ def sync(device: torch.device) -> None:
 class Runner:
     """One model, its optimizer and RNG state, stepping through the shared batch list."""
 
-    def __init__(self, name: str, model_cfg, codebook_sizes, n_items: int, train_cfg, total_steps: int,
-                 seed: int, device: torch.device):
+    def __init__(self, name: str, model_cfg, catalogue, train_cfg, total_steps: int, seed: int,
+                 device: torch.device):
         self.name, self.train_cfg, self.total_steps, self.device = name, train_cfg, total_steps, device
         torch.manual_seed(seed)                                   # initial weights, as run_training
-        self.model = build_model(model_cfg, codebook_sizes=codebook_sizes, n_items=n_items).to(device)
+        self.model = catalogue_model(model_cfg, *catalogue).to(device)  # catalogue = (tok, index, items)
         self.opt = make_optimizer(self.model, train_cfg)
         torch.manual_seed(seed)                                   # dropout draws, as _train
         self.rng = torch.get_rng_state()
@@ -256,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("v2", dataclasses.replace(cfg.model, arch="v2"))]
     if args.v1_full_encoder:
         variants.append(("v1_full_encoder", dataclasses.replace(cfg.model, arch="v1", n_encoder_layers=0)))
-    n_items = item_table_size(cfg.model, tok, data_set.index)  # the archs share model.item_embedding
-    runners = [Runner(name, mcfg, tok.codebook_sizes, n_items, cfg.train, total_steps, cfg.seed, device)
+    catalogue = (tok, data_set.index, data_set.dataset.items)
+    runners = [Runner(name, mcfg, catalogue, cfg.train, total_steps, cfg.seed, device)
                for name, mcfg in variants]
     for r in runners:
         log(f"{r.name}: {r.model.num_params():,} params, {args.warmup} warmup steps")

@@ -176,6 +176,10 @@ class ModelConfig:
     moe_aux_coef: float = 0.01  # weight of the MoE load-balance loss
     n_encoder_layers: int = 0   # arch v1 only, 0 = n_layers (v2 has no encoder and ignores it)
     item_embedding: bool = False  # context events also get a learned vector per item (needs n_items)
+    item_attributes: bool = False  # + the mean of the item's attribute vectors (needs item_embedding)
+    dense_loss_weight: float = 0.0  # > 0: a dense next-item head over all N items, trained with this
+                                    # weight beside the token loss (needs item_embedding)
+    dense_score_weight: float = 0.0  # next-item ranking = beam log-prob + this x the head's log-prob
 
     def validate(self, key: str) -> None:
         for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "session_len", "ffn_mult"):
@@ -190,6 +194,14 @@ class ModelConfig:
         _check(self.n_kv_heads >= 0 and (self.n_kv_heads == 0 or self.n_heads % self.n_kv_heads == 0),
                f"{key}.n_kv_heads", f"must divide n_heads={self.n_heads} (0 = n_heads)")
         _check(self.moe_aux_coef >= 0, f"{key}.moe_aux_coef", "must be >= 0")
+        _check(not self.item_attributes or self.item_embedding, f"{key}.item_attributes",
+               "needs item_embedding (attribute vectors are added to the per-item vector)")
+        _check(self.dense_loss_weight >= 0, f"{key}.dense_loss_weight", "must be >= 0 (0 = no dense head)")
+        _check(self.dense_loss_weight == 0 or self.item_embedding, f"{key}.dense_loss_weight",
+               "needs item_embedding (the head scores items by their per-item vectors)")
+        _check(self.dense_score_weight >= 0, f"{key}.dense_score_weight", "must be >= 0")
+        _check(self.dense_score_weight == 0 or self.dense_loss_weight > 0, f"{key}.dense_score_weight",
+               "needs dense_loss_weight > 0 (an untrained head would only add noise)")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ set is one the papers used, their numbers are printed beside ours (PUBLISHED).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -79,15 +80,17 @@ def run_eval(cfg: Config, out_dir: str | Path, *, model_dir: str | Path | None =
                                  cfg.eval.batch_size, ks=KS)
     name = f"OneRec-{arch.upper()}"
     rows[name] = metrics if trained is None else {**metrics, "train_s": trained["tokenizer_s"] + trained["train_s"]}
+    ablations = _hybrid_ablations(cfg, model_dir if loaded is None else loaded, test, data.index)
+    rows.update({f"{name}: {part}": m for part, m in ablations.items()})
 
     published = PUBLISHED.get(cfg.data.dataset, {})
     print(format_table(cfg, rows, published, len(test.targets), len(data.index)))
-    best = max((r for r in rows if r.startswith("OneRec")), key=lambda r: rows[r]["ndcg@10"])
+    best = name  # the ablation rows are parts of it, not variants
     figures = {"preset": cfg.preset, "dataset": cfg.data.dataset, "users": len(test.targets),
                "items": len(data.index), "protocol": "leave-last-out, full ranking, history kept",
                "model_dir": str(model_dir)}
     for model_name, metrics in rows.items():
-        key = model_name.lower().replace("-", "_")
+        key = re.sub(r"[^a-z0-9]+", "_", model_name.lower()).strip("_")  # OneRec-V2: beam only -> onerec_v2_beam_only
         figures.update({f"{key}_{m}": round(float(v), 4) for m, v in metrics.items() if m in COLUMNS})
         if "train_s" in metrics:
             figures[f"{key}_train_s"] = round(metrics["train_s"], 1)
@@ -102,16 +105,40 @@ def run_eval(cfg: Config, out_dir: str | Path, *, model_dir: str | Path | None =
     return figures
 
 
+def _hybrid_ablations(cfg: Config, model, test, index) -> dict[str, dict]:
+    """For a model whose ranking fuses beam search with its dense head: the same weights ranked
+    by the beam alone (dense_score_weight 0) and by the head alone, so the table shows what
+    each part brings. {} for any other model. `model`: a saved model's directory or (model, tok)."""
+    import dataclasses
+
+    from onerec.model.data import ItemCodes
+    from onerec.model.train import evaluate_dense_head, evaluate_model, load_model
+
+    model, tok = load_model(model, "cuda" if torch.cuda.is_available() else "cpu") \
+        if isinstance(model, (str, Path)) else model
+    if model.dense is None or model.cfg.dense_score_weight == 0:
+        return {}
+    codes = ItemCodes.from_tokenizer(tok, index)
+    hybrid_cfg = model.cfg
+    model.cfg = dataclasses.replace(hybrid_cfg, dense_score_weight=0.0)
+    try:
+        beam = evaluate_model(model, codes, test, cfg.train.beam_size, cfg.eval.batch_size, ks=KS)
+    finally:
+        model.cfg = hybrid_cfg
+    head = evaluate_dense_head(model, codes, test, cfg.eval.batch_size, ks=KS)
+    return {"beam only": beam, "head only": head}
+
+
 def format_table(cfg: Config, rows: dict[str, dict], published: dict[str, dict], n_users: int,
                  n_items: int) -> str:
     """One table: our models (this run) first, then the published figures, '-' where none."""
-    head = f"{'model':<28}" + "".join(f"{c:>12}" for c in COLUMNS) + f"{'train s':>10}"
+    head = f"{'model':<34}" + "".join(f"{c:>12}" for c in COLUMNS) + f"{'train s':>10}"
     lines = [f"{cfg.data.dataset}: {n_users} users, full ranking over {n_items} items, leave-last-out "
              f"(history items kept), preset {cfg.preset}", head, "-" * len(head)]
     for name, metrics in rows.items():
         seconds = f"{metrics['train_s']:>10.0f}" if "train_s" in metrics else f"{'-':>10}"
-        lines.append(f"{name + ' (this run)':<28}" + "".join(f"{metrics[c]:>12.4f}" for c in COLUMNS) + seconds)
+        lines.append(f"{name + ' (this run)':<34}" + "".join(f"{metrics[c]:>12.4f}" for c in COLUMNS) + seconds)
     for name, metrics in published.items():
-        lines.append(f"{name + ' (published)':<28}" +
+        lines.append(f"{name + ' (published)':<34}" +
                      "".join(f"{metrics[c]:>12.4f}" if c in metrics else f"{'-':>12}" for c in COLUMNS))
     return "\n".join(lines)

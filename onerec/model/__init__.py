@@ -1,6 +1,7 @@
 """OneRec models: V1 (encoder-decoder + MoE), V2 (lazy decoder-only), constrained beam search.
 
     model = build_model(cfg.model, codebook_sizes=tok.codebook_sizes)   # knobs from cfg.model
+    model = catalogue_model(cfg.model, tok, index, ds.items)   # same, + the per-item tables it asks for
     logits, loss, aux = model(batch)                      # batch format: see common.py
     items, scores = topk_next_items(model, batch, trie.allowed, trie.item_of, beam_size=20, k=10)
 
@@ -20,7 +21,7 @@ import importlib
 
 from onerec.config import ModelConfig
 
-from .beam import dict_trie, generate, reference_beam_search, topk_next_items
+from .beam import dict_trie, generate, reference_beam_search, reference_topk_next_items, topk_next_items
 from .common import GenerativeRecommender, Memory
 from .layers import KVCache, MoE, RMSNorm, attend
 from .v1 import OneRecV1
@@ -48,8 +49,8 @@ def build_model(cfg: ModelConfig, **extra) -> GenerativeRecommender:
 
 
 _LAZY = {
-    "ItemCodes": "data", "TrainExamples": "data", "build_examples": "data", "context_batch": "data",
-    "fit_tokenizer": "data",
+    "ItemCodes": "data", "TrainExamples": "data", "build_examples": "data", "catalogue_model": "data",
+    "context_batch": "data", "fit_tokenizer": "data",
     "CheckpointError": "train", "Tracker": "train", "TrainResult": "train", "evaluate_model": "train",
     "load_model": "train", "lr_at": "train", "run_training": "train", "save_model": "train",
 }
@@ -64,7 +65,7 @@ def __getattr__(name: str):
 __all__ = [  # with the lazy names of _LAZY
     "ARCHS", "CheckpointError", "GenerativeRecommender", "ItemCodes", "KVCache", "Memory", "MoE",
     "OneRecV1", "OneRecV2", "RMSNorm", "Tracker", "TrainExamples", "TrainResult", "attend",
-    "build_examples", "build_model", "context_batch", "dict_trie", "evaluate_model", "fit_tokenizer",
-    "generate", "load_model", "lr_at", "reference_beam_search", "run_training", "save_model",
-    "topk_next_items",
+    "build_examples", "build_model", "catalogue_model", "context_batch", "dict_trie", "evaluate_model", "fit_tokenizer",
+    "generate", "load_model", "lr_at", "reference_beam_search", "reference_topk_next_items",
+    "run_training", "save_model", "topk_next_items",
 ]

@@ -2,6 +2,7 @@
 
     items, scores = generate(model, batch, trie.allowed, trie.item_of, beam_size=8, session_len=3, topk=4)
     items, scores = topk_next_items(model, batch, trie.allowed, trie.item_of, beam_size=20, k=10)
+    # with a dense head: the beam's items and the head's top items, ranked by both scores
 
 - Only valid codes: at level l the candidates are `allowed_fn(prefix of the current item)`.
 - No repeats within a session: at the last level, a token that would complete an item the beam
@@ -19,6 +20,7 @@ the tests check both give the same items and scores.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -31,7 +33,7 @@ ItemOfFn = Callable[[torch.Tensor], torch.Tensor]    # (X, L) codes -> (X,) item
 
 
 def _context_only(batch: Mapping[str, torch.Tensor]) -> dict:
-    return {k: v for k, v in batch.items() if k not in ("target", "target_mask")}
+    return {k: v for k, v in batch.items() if k not in ("target", "target_mask", "target_items")}
 
 
 @torch.no_grad()
@@ -100,9 +102,44 @@ def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Te
                     allowed_fn: AllowedFn, item_of_fn: ItemOfFn, beam_size: int, k: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over one item (L tokens): the k best distinct items, (B, k) and scores (B, k).
-    Needs beam_size >= k; distinct codes are distinct items, so the k beams are k items."""
-    items, scores = generate(model, context, allowed_fn, item_of_fn, beam_size, session_len=1, topk=k)
-    return items[:, :, 0], scores
+    Needs beam_size >= k; distinct codes are distinct items, so the k beams are k items.
+
+    With a dense head and model.dense_score_weight > 0 (the hybrid, see common.py) the candidates
+    are the beam's beam_size items and the head's top beam_size; each is scored by its exact
+    log-prob under the decoder + dense_score_weight x the head's log-softmax over the catalogue,
+    and the best k of those sums are returned. Every candidate is a catalogue item either way."""
+    weight = model.cfg.dense_score_weight if model.dense is not None else 0.0
+    items, scores = generate(model, context, allowed_fn, item_of_fn, beam_size, session_len=1,
+                             topk=beam_size if weight else k)
+    if not weight:
+        return items[:, :, 0], scores
+    was_training = model.training
+    model.eval()
+    memory = model.encode(_context_only(context))
+    b = memory.key_mask.shape[0]
+    bos = torch.full((b, 1), model.emb.bos_id, device=memory.key_mask.device)
+    dense = model.item_logits(model.decode(bos, memory)[0][:, 0]).float().log_softmax(-1)  # (B, N)
+    cand = torch.cat([items[:, :, 0], dense.topk(min(beam_size, dense.shape[1]), dim=1).indices], 1)
+    c = cand.shape[1]                                                         # (B, C) rows, -1 = none
+    earlier = torch.ones(c, c, dtype=torch.bool, device=cand.device).tril(-1)  # (C, C) j < i
+    repeat = ((cand[:, :, None] == cand[:, None, :]) & earlier).any(-1)       # (B, C) listed before
+    gen = _item_logp(model, memory, model.item_codes[cand.clamp(min=0) + 1])  # (B, C)
+    fused = gen + weight * dense.gather(1, cand.clamp(min=0))
+    fused = fused.masked_fill(repeat | (cand < 0), float("-inf"))
+    model.train(was_training)
+    fused, order = fused.topk(k, dim=1)                                       # (B, k) best first
+    return torch.where(torch.isfinite(fused), cand.gather(1, order), -1), fused
+
+
+def _item_logp(model: GenerativeRecommender, memory, codes: torch.Tensor) -> torch.Tensor:
+    """codes (B, C, L) -> (B, C): each item's log-prob under the decoder (teacher forcing)."""
+    b, c, n_levels = codes.shape
+    memory = memory.select(torch.arange(b, device=codes.device).repeat_interleave(c))  # (B*C, ...)
+    target = codes.reshape(b * c, 1, n_levels)
+    h, _ = model.decode(model.input_ids(target), memory)                      # (B*C, L, D)
+    logp = sum(model.logits(h[:, level], level).float().log_softmax(-1)
+               .gather(1, target[:, 0, level:level + 1])[:, 0] for level in range(n_levels))
+    return logp.view(b, c)
 
 
 # --------------------------------------------------------------------------- plain reference
@@ -153,3 +190,55 @@ def reference_beam_search(model: GenerativeRecommender, context_batch: Mapping[s
             all_scores[u, i] = score
     model.train(was_training)
     return all_items, all_scores
+
+
+@torch.no_grad()
+def reference_topk_next_items(model: GenerativeRecommender, context_batch: Mapping[str, torch.Tensor],
+                              trie: dict, beam_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `topk_next_items`, one user and one candidate at a time: the beam from
+    `reference_beam_search`, each item's dense logit as an explicit dot product with its vector,
+    and each candidate's log-prob from decoding [BOS, its first L - 1 tokens] without a cache."""
+    weight = model.cfg.dense_score_weight if model.dense is not None else 0.0
+    items, scores = reference_beam_search(model, context_batch, trie, beam_size, 1,
+                                          topk=beam_size if weight else k)
+    if not weight:
+        return items[:, :, 0], scores
+    was_training = model.training
+    model.eval()
+    context = _context_only(context_batch)
+    n_levels, offsets, n = model.n_levels, model.emb.offsets.tolist(), model.item_codes.shape[0] - 1
+    out_items, out_scores = torch.full((len(items), k), -1), torch.full((len(items), k), float("-inf"))
+    for u in range(len(items)):
+        memory = model.encode({key: v[u:u + 1] for key, v in context.items()})
+        device = memory.key_mask.device
+
+        def decode(tokens):
+            ids = [model.emb.bos_id] + [offsets[j] + t for j, t in enumerate(tokens)]
+            return model.decode(torch.tensor([ids], device=device), memory)[0][0]   # (T, D)
+
+        query = model.dense(decode([])[0]).float()                            # (D,)
+        logits = []
+        for j in range(n):                                                    # column j = item j + 1
+            codes = model.item_codes[j + 1].tolist()
+            vector = sum(model.emb.table.weight[offsets[lv] + codes[lv]] for lv in range(n_levels))
+            vector = vector + model.context.item_vectors(torch.tensor(j + 1, device=device))
+            logits.append(float(query @ vector.float()))
+        top = max(logits)
+        log_z = top + math.log(sum(math.exp(x - top) for x in logits))
+        by_dense = sorted(range(n), key=lambda j: -logits[j])[:beam_size]
+        candidates = []
+        for row in [int(r) for r in items[u, :, 0]] + by_dense:
+            if row < 0 or row in candidates:
+                continue
+            candidates.append(row)
+        ranked = []
+        for row in candidates:
+            codes = model.item_codes[row + 1].tolist()
+            h = decode(codes[:-1])
+            logp = sum(float(model.logits(h[lv], lv).float().log_softmax(-1)[codes[lv]]) for lv in range(n_levels))
+            ranked.append((logp + weight * (logits[row] - log_z), row))
+        ranked.sort(key=lambda pair: -pair[0])
+        for i, (score, row) in enumerate(ranked[:k]):
+            out_items[u, i], out_scores[u, i] = row, score
+    model.train(was_training)
+    return out_items, out_scores

@@ -10,6 +10,7 @@ Batch (a dict of tensors; "target" only for training):
     user          (B, U)    float  user features (required iff n_user_features > 0)
     target        (B, M, L) int64  the next session, M <= session_len items
     target_mask   (B, M)    bool   optional: items that count in the loss (sessions shorter than M)
+    target_items  (B, M)    int64  their item indices 1..N (read iff the model has a dense head)
 
 The target is decoded as one flat sequence of M*L tokens; position j holds level j % L.
 Decoder input ids live in one shared vocabulary: level l token t -> offsets[l] + t, then BOS.
@@ -18,6 +19,17 @@ Generation interface (see beam.py):
     memory = model.encode(batch)                      # once per request
     h, aux = model.decode(ids (B, T), memory, cache)  # (B, T, D), final norm applied
     logits = model.logits(h, level)                   # (..., K_level)
+    item_logits = model.item_logits(h[:, 0])          # (B, N) the dense head, from the BOS state
+
+The dense head (model.dense_loss_weight > 0; COBRA, Yang et al. 2025, and LIGER, Yang et al.
+2024, pair semantic-ID generation with a dense item score the same way): the decoder's state
+at BOS, which sees only the context, is projected and scored against every item's vector
+(its level embeddings + its per-item vector: the context's own item representation), trained
+with a full-softmax cross-entropy on the next item. Next-item ranking (topk_next_items) then
+scores the beam's items and the head's top items by both: the decoder's log-prob of the code +
+dense_score_weight x the head's log-prob. Why: semantic IDs share one prefix among many items,
+so the beam's last level must tell apart items it has seen a few times; the item-level score
+learns them one by one, the way SASRec does, and finds rare items the beam has pruned.
 """
 from __future__ import annotations
 
@@ -69,7 +81,8 @@ class SemanticIdEmbedding(nn.Module):
 
     def items(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (..., L) -> (..., D): the sum of an item's level embeddings."""
-        return self.table(self.offsets + codes).sum(dim=-2)
+        ids = (self.offsets + codes).reshape(-1, codes.shape[-1])             # (X, L)
+        return F.embedding_bag(ids, self.table.weight, mode="sum").view(*codes.shape[:-1], -1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(ids)
@@ -88,10 +101,15 @@ class ContextEmbedding(nn.Module):
     semantic IDs: the vocabulary the decoder generates does not grow with N."""
 
     def __init__(self, d_model: int, max_seq_len: int, n_side_features: int, n_user_features: int,
-                 n_items: int = 0):
+                 n_items: int = 0, n_attributes: int = 0, attribute_slots: int = 0):
         super().__init__()
         self.max_seq_len = max_seq_len
         self.item = nn.Embedding(n_items + 1, d_model) if n_items else None  # row 0 = padding
+        self.attr = None
+        if n_attributes:  # rare items borrow from frequent ones of the same brand or category
+            self.attr = nn.Embedding(n_attributes + 1, d_model, padding_idx=0)
+            # (N + 1, A) attribute ids 1..n_attributes, 0 = none; -1 until set_item_tables
+            self.register_buffer("attributes", torch.full((n_items + 1, attribute_slots), -1))
         self.recency = nn.Embedding(max_seq_len, d_model)
         self.start = nn.Parameter(torch.zeros(d_model))
         self.side = nn.Linear(n_side_features, d_model) if n_side_features else None
@@ -111,7 +129,7 @@ class ContextEmbedding(nn.Module):
             if batch.get("context_items") is None:
                 raise ValueError("the model was built with item_embedding (n_items="
                                  f"{self.item.num_embeddings - 1}) but the batch has no 'context_items'")
-            x = x + self.item(batch["context_items"])                         # (B, S, D)
+            x = x + self.item_vectors(batch["context_items"])                 # (B, S, D)
         x = x + _optional(self.side, batch, "side", "n_side_features")
         recency = mask.flip(1).cumsum(1).flip(1) - 1                          # (B, S) 0 = latest
         x = x + self.recency(recency.clamp(min=0))
@@ -119,6 +137,17 @@ class ContextEmbedding(nn.Module):
         head = self.start.expand(b, 1, -1) + _optional(self.user, batch, "user", "n_user_features")
         ones = torch.ones(b, 1, dtype=torch.bool, device=codes.device)
         return torch.cat([head, x], dim=1), torch.cat([ones, mask], dim=1)    # (B, 1+S, D), (B, 1+S)
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """items (...) indices 0..N -> (..., D): the per-item vector, + the mean of its attribute
+        vectors when the model has them."""
+        x = self.item(items)
+        if self.attr is not None:
+            attrs = self.attributes[items].reshape(-1, self.attributes.shape[1])  # (X, A) 0 = none
+            # embedding_bag's mean leaves padding_idx out (and gives 0 for no attributes)
+            mean = F.embedding_bag(attrs, self.attr.weight, mode="mean", padding_idx=0)  # (X, D)
+            x = x + mean.view(x.shape)
+        return x
 
 
 def _optional(proj: nn.Linear | None, batch: Mapping[str, torch.Tensor], key: str, knob: str):
@@ -164,6 +193,7 @@ class GenerativeRecommender(nn.Module):
     arch = ""
 
     def __init__(self, cfg: ModelConfig, *, codebook_sizes: list[int] | None = None, n_items: int = 0,
+                 n_attributes: int = 0, attribute_slots: int = 0,
                  n_kv_heads: int | None = None, n_side_features: int = 0, n_user_features: int = 0,
                  ffn_mult: int = 4, activation: str = "swiglu", moe_aux_coef: float = 0.01):
         super().__init__()
@@ -174,6 +204,10 @@ class GenerativeRecommender(nn.Module):
             raise ValueError("model.item_embedding needs n_items: pass the catalogue size (the "
                              "tokenizer's item count; item index i + 1 <-> its item_ids[i])")
         n_items = n_items if cfg.item_embedding else 0
+        if cfg.item_attributes and (n_attributes < 1 or attribute_slots < 1):
+            raise ValueError("model.item_attributes needs n_attributes and attribute_slots (the shape "
+                             "of onerec.eval.item_attributes' table); this data set may have none")
+        n_attributes, attribute_slots = (n_attributes, attribute_slots) if cfg.item_attributes else (0, 0)
         n_kv_heads = cfg.n_heads if n_kv_heads is None else n_kv_heads
         if n_kv_heads < 1 or cfg.n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={cfg.n_heads}")
@@ -186,16 +220,23 @@ class GenerativeRecommender(nn.Module):
         self.n_kv_heads = n_kv_heads
         self.n_side_features, self.n_user_features = n_side_features, n_user_features
         self.ffn_hidden, self.activation, self.moe_aux_coef = ffn_mult * cfg.d_model, activation, moe_aux_coef
-        self._extra = dict(codebook_sizes=self.codebook_sizes, n_items=n_items, n_kv_heads=n_kv_heads,
+        self._extra = dict(codebook_sizes=self.codebook_sizes, n_items=n_items, n_attributes=n_attributes,
+                           attribute_slots=attribute_slots, n_kv_heads=n_kv_heads,
                            n_side_features=n_side_features, n_user_features=n_user_features,
                            ffn_mult=ffn_mult, activation=activation, moe_aux_coef=moe_aux_coef)
         d = cfg.d_model
         self.emb = SemanticIdEmbedding(self.codebook_sizes, d)
-        self.context = ContextEmbedding(d, cfg.max_seq_len, n_side_features, n_user_features, n_items)
+        self.context = ContextEmbedding(d, cfg.max_seq_len, n_side_features, n_user_features, n_items,
+                                        n_attributes, attribute_slots)
         self.max_target_len = cfg.session_len * self.n_levels
         self.position = nn.Embedding(self.max_target_len, d)                  # decoder positions
         self.drop = nn.Dropout(cfg.dropout)
         self.heads = nn.ModuleList(nn.Linear(d, k, bias=False) for k in self.codebook_sizes)
+        self.dense = None
+        if cfg.dense_loss_weight > 0:
+            self.dense = nn.Linear(d, d, bias=False)
+            # (N + 1, L) each item's semantic ID (row 0 padding); -1 until set_item_tables
+            self.register_buffer("item_codes", torch.full((n_items + 1, self.n_levels), -1))
 
     @property
     def hparams(self) -> dict:
@@ -219,6 +260,39 @@ class GenerativeRecommender(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_item_tables(self, item_codes: torch.Tensor | None = None,
+                        attributes: torch.Tensor | None = None) -> GenerativeRecommender:
+        """Fill the per-item buffers the config asks for (a loaded model gets them from its
+        safetensors): item_codes (N + 1, L) = ItemCodes.table, for the dense head; attributes
+        (N + 1, A) = onerec.eval.item_attributes(...), for model.item_attributes."""
+        for name, table, owner in (("item_codes", item_codes, self),
+                                   ("attributes", attributes, self.context)):
+            if name not in owner._buffers:
+                if table is not None:
+                    raise ValueError(f"'{name}' given, but the config does not use it")
+                continue
+            want = owner._buffers[name].shape
+            if table is None or tuple(table.shape) != tuple(want):
+                raise ValueError(f"the model needs '{name}' of shape {tuple(want)}, got "
+                                 f"{None if table is None else tuple(table.shape)}")
+            owner._buffers[name].copy_(table.clamp(min=0) if name == "item_codes" else table)
+        return self
+
+    def _check_item_tables(self) -> None:
+        for owner, name in ((self, "item_codes"), (self.context, "attributes")):
+            if name in owner._buffers and bool((owner._buffers[name][1:] < 0).any()):
+                raise ValueError(f"the model's '{name}' table is not set: call set_item_tables "
+                                 "(onerec.model.data.catalogue_model does) or load a saved model")
+
+    def item_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The dense head: h (B, D) decoder states at BOS -> (B, N) next-item logits, column j =
+        item index j + 1. Item vectors: level embeddings of its code + its per-item vector."""
+        if self.dense is None:
+            raise ValueError("the model has no dense head (model.dense_loss_weight = 0)")
+        items = torch.arange(1, self.item_codes.shape[0], device=h.device)    # (N,)
+        vectors = self.emb.items(self.item_codes[1:]) + self.context.item_vectors(items)  # (N, D)
+        return self.dense(h) @ vectors.T
 
     # -- interface for subclasses
     def encode(self, batch: Mapping[str, torch.Tensor]) -> Memory:
@@ -260,6 +334,7 @@ class GenerativeRecommender(nn.Module):
         target = batch["target"]                                              # (B, M, L)
         if target.shape[-1] != self.n_levels:
             raise ValueError(f"target has {target.shape[-1]} levels, the model {self.n_levels}")
+        self._check_item_tables()
         memory = self.encode(batch)
         h, moe_aux = self.decode(self.input_ids(target), memory)              # (B, M*L, D)
         tmask = batch.get("target_mask")
@@ -275,4 +350,11 @@ class GenerativeRecommender(nn.Module):
             count += nll.numel() if tmask is None else tmask.sum()
         ce = ce / torch.as_tensor(count, device=ce.device).clamp(min=1)
         loss = ce + self.moe_aux_coef * moe_aux
-        return logits, loss, {"ce": ce, "moe_aux": moe_aux}
+        parts = {"ce": ce, "moe_aux": moe_aux}
+        if self.dense is not None:  # the next item (the session's first) from the BOS state
+            if batch.get("target_items") is None:
+                raise ValueError("the model has a dense head but the batch has no 'target_items'")
+            item_ce = F.cross_entropy(self.item_logits(h[:, 0]).float(), batch["target_items"][:, 0] - 1)
+            loss = loss + self.cfg.dense_loss_weight * item_ce
+            parts["item_ce"] = item_ce
+        return logits, loss, parts

@@ -2,6 +2,7 @@
 
     tok = fit_tokenizer(split.train, ds.items, cfg.tokenizer, seed=cfg.seed)   # train events only
     codes = ItemCodes.from_tokenizer(tok, index)          # item index 1..N -> semantic ID
+    model = catalogue_model(cfg.model, tok, index, ds.items)   # build_model + per-item tables
     data = build_examples(seqs.train, codes, cfg.model.max_seq_len, cfg.model.session_len)
     for idx in data.epoch_batches(batch_size, epoch, seed):
         batch = data.batch(idx)                           # the model's batch format (common.py)
@@ -33,6 +34,8 @@ from onerec.config import ModelConfig, TokenizerConfig
 from onerec.eval.baselines import ItemIndex
 from onerec.tokenizer import CodeTrie, SemanticIdTokenizer, item_embeddings
 
+from .common import GenerativeRecommender
+
 
 def fit_tokenizer(interactions: pd.DataFrame, items: pd.DataFrame, cfg: TokenizerConfig,
                   seed: int) -> SemanticIdTokenizer:
@@ -46,16 +49,30 @@ def fit_tokenizer(interactions: pd.DataFrame, items: pd.DataFrame, cfg: Tokenize
                                    scale=cfg.codebook_scale, n_iter=cfg.kmeans_iters, seed=seed)
 
 
-def item_table_size(model_cfg: ModelConfig, tok: SemanticIdTokenizer, index: ItemIndex) -> int:
-    """build_model's n_items: 0 without model.item_embedding, else N after checking that item
-    index i + 1 is the tokenizer's item_ids[i] (the model ships with its tokenizer, which then
-    maps raw ids to the rows of its per-item table too)."""
-    if not model_cfg.item_embedding:
-        return 0
-    if not np.array_equal(tok.item_ids, index.item_ids):
-        raise ValueError(f"the tokenizer's {len(tok.item_ids)} items are not the catalogue's {len(index)}: "
-                         "fit the tokenizer on the same items table")
-    return len(index)
+def catalogue_model(model_cfg: ModelConfig, tok: SemanticIdTokenizer, index: ItemIndex,
+                    items: pd.DataFrame) -> GenerativeRecommender:
+    """build_model for this catalogue, with the per-item tables the config asks for filled in.
+
+    With model.item_embedding the model's item rows are the catalogue's (item index i + 1 is the
+    tokenizer's item_ids[i], checked here), so the saved model and its tokenizer map raw ids to
+    them; model.item_attributes adds `items`' attribute table, the dense head the item codes."""
+    from onerec.eval.baselines import item_attributes
+    from onerec.model import build_model
+
+    tables, extra = {}, {}
+    if model_cfg.item_embedding:
+        if not np.array_equal(tok.item_ids, index.item_ids):
+            raise ValueError(f"the tokenizer's {len(tok.item_ids)} items are not the catalogue's "
+                             f"{len(index)}: fit the tokenizer on the same items table")
+        extra["n_items"] = len(index)
+    if model_cfg.item_attributes:
+        tables["attributes"] = item_attributes(items, index)                         # (N + 1, A)
+        extra.update(n_attributes=int(tables["attributes"].max()),
+                     attribute_slots=tables["attributes"].shape[1])
+    if model_cfg.dense_loss_weight > 0:
+        tables["item_codes"] = ItemCodes.from_tokenizer(tok, index).table           # (N + 1, L)
+    model = build_model(model_cfg, codebook_sizes=tok.codebook_sizes, **extra)
+    return model.set_item_tables(**tables)
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,7 +130,7 @@ class TrainExamples:
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """Examples `idx` (B,) -> {context (B, S_b, L), context_items (B, S_b), context_mask (B, S_b),
-        target (B, M_b, L), target_mask (B, M_b)} with S_b <= max_seq_len and M_b <= session_len
+        target (B, M_b, L), target_mask (B, M_b), target_items (B, M_b)} with S_b <= max_seq_len and M_b <= session_len
         trimmed to the longest context / session in the batch (short histories cost no padding)."""
         pos, start, end = self.pos[idx], self.start[idx], self.end[idx]              # (B,) each
         s_b = int((pos - start).clamp(max=self.max_seq_len).max())                    # >= 1 (t >= 1)
@@ -130,6 +147,7 @@ class TrainExamples:
             "context_mask": ctx_mask,
             "target": self.codes.table[tgt_items].clamp(min=0),                       # (B, M_b, L)
             "target_mask": tgt_mask,
+            "target_items": tgt_items,                                                # (B, M_b) 0 = pad
         }
 
     def fingerprint(self) -> str:

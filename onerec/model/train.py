@@ -56,7 +56,7 @@ from onerec.eval.metrics import evaluate
 from . import build_model
 from .beam import topk_next_items
 from .common import GenerativeRecommender
-from .data import ItemCodes, TrainExamples, build_examples, context_batch, fit_tokenizer, item_table_size
+from .data import ItemCodes, TrainExamples, build_examples, catalogue_model, context_batch, fit_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,30 @@ def evaluate_model(model: GenerativeRecommender, codes: ItemCodes, eval_set: Eva
 
     return evaluate(score, None, eval_set.histories, eval_set.targets, codes.n_items, ks=ks,
                     batch_size=batch_size)
+
+
+@torch.no_grad()
+def evaluate_dense_head(model: GenerativeRecommender, codes: ItemCodes, eval_set: EvalSet,
+                        batch_size: int = 256, ks: Sequence[int] = EVAL_KS) -> dict:
+    """The ablation of the hybrid: every item ranked by the dense head alone (no beam search,
+    no semantic IDs at ranking time), as `evaluate_model` ranks by the model's own config."""
+    if model.dense is None:
+        raise ValueError("the model has no dense head (model.dense_loss_weight = 0)")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def score(histories, users=None) -> torch.Tensor:
+        memory = model.encode(context_batch(histories, codes, model.cfg.max_seq_len, device))
+        bos = torch.full((len(histories), 1), model.emb.bos_id, device=device)
+        with _autocast(device):
+            return model.item_logits(model.decode(bos, memory)[0][:, 0]).float()   # (B, N)
+
+    try:
+        return evaluate(score, None, eval_set.histories, eval_set.targets, codes.n_items, ks=ks,
+                        batch_size=batch_size)
+    finally:
+        model.train(was_training)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -647,7 +671,7 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, prog
     codes = ItemCodes.from_tokenizer(tok, index)
     data = build_examples(seqs.train, codes, cfg.model.max_seq_len, cfg.model.session_len)
     torch.manual_seed(cfg.seed)                           # initial weights
-    model = build_model(cfg.model, codebook_sizes=tok.codebook_sizes, n_items=item_table_size(cfg.model, tok, index))
+    model = catalogue_model(cfg.model, tok, index, ds.items)
 
     uri = tracking_uri or resolve_endpoints(cfg.stack.state_dir).mlflow_tracking_uri
     tracker = Tracker(uri, experiment=f"onerec-train-{cfg.data.dataset}", run_name=f"{cfg.preset}-{cfg.model.arch}")

@@ -46,6 +46,9 @@ def test_int_is_accepted_for_float_fields():
     ("kafka.dlq.partitions=0", "kafka.dlq.partitions"),
     ("kafka.dlq.name=bad topic", "kafka.dlq.name"),
     ("model.top_k_experts=5", "model.top_k_experts"),
+    ("model.item_embedding=false", "model.item_attributes"),     # debug uses attributes and the dense head
+    ("model.dense_loss_weight=-1", "model.dense_loss_weight"),
+    ("model.dense_loss_weight=0", "model.dense_score_weight"),   # a weight for a head that is not there
     ("model", "model"),
 ])
 def test_bad_overrides_name_the_key(override, names):

@@ -15,11 +15,13 @@ def test_eval_trains_all_three_then_tests_a_saved_model_the_same(tmp_path, capsy
     out = capsys.readouterr().out
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures == json.loads((tmp_path / "a.json").read_text())
-    for model in ("popularity", "sasrec", "onerec_v2"):
+    # debug's model is the hybrid: the table also shows its beam and its dense head alone
+    for model in ("popularity", "sasrec", "onerec_v2", "onerec_v2_beam_only", "onerec_v2_head_only"):
         for column in COLUMNS:
             assert 0.0 <= figures[f"{model}_{column}"] <= 1.0, (model, column)
     assert figures["onerec_v2_recall@10"] > 0 and figures["users"] == 100
     assert "OneRec-V2 (this run)" in out and "published" not in out  # ml-100k: no published row
+    assert "OneRec-V2: beam only (this run)" in out and "OneRec-V2: head only (this run)" in out
     # the saved model, tested again through --model, gives the same figures
     assert main([*args, "--out", str(tmp_path / "b"), "--model", figures["model_dir"]]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -2,6 +2,8 @@
 references, learning, generation constraints, FLOPs, determinism, serialization. Tiny sizes."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,6 +19,7 @@ from onerec.model import (
     dict_trie,
     generate,
     reference_beam_search,
+    reference_topk_next_items,
     topk_next_items,
 )
 from onerec.model.layers import SelfAttention
@@ -314,6 +317,103 @@ def test_topk_next_items_are_distinct_valid_and_ranked_by_model_probability():
         best = torch.stack(full, 1).topk(5, dim=1)
     assert torch.equal(items, best.indices)
     torch.testing.assert_close(scores, best.values, atol=1e-5, rtol=1e-5)
+
+
+def dense_model(arch: str = "v2", n_items: int = 12, attributes: bool = True, score_weight: float = 0.7,
+                device: str = "cpu"):
+    """A spread-weight model with the dense head (and attribute vectors), its tables filled."""
+    codes = random_codes(n_items, seed=3)
+    g = torch.Generator().manual_seed(5)
+    attrs = torch.randint(0, 5, (n_items + 1, 3), generator=g)                # 0 = none, 1..4
+    attrs[0] = 0
+    extra = {"n_items": n_items, **({"n_attributes": 4, "attribute_slots": 3} if attributes else {})}
+    model = spread_weights(make_model(arch, n_layers=1, d_model=16, device=device, item_embedding=True,
+                                      item_attributes=attributes, dense_loss_weight=1.0,
+                                      dense_score_weight=score_weight, extra=extra))
+    pad = torch.full((1, 3), -1)
+    model.set_item_tables(item_codes=torch.cat([pad, codes]).to(device),
+                          attributes=attrs.to(device) if attributes else None)
+    return model, codes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch,attributes", [("v1", False), ("v2", True), ("v1", True)])
+def test_dense_rerank_matches_the_reference_and_changes_the_ranking(device, arch, attributes):
+    model, codes = dense_model(arch, attributes=attributes, device=device)
+    batch = model_batch(make_batch(codes, 4, 5, 1, seed=2, device=device))
+    allowed, item_of = brute_force_fns(codes)
+    items, scores = topk_next_items(model, batch, allowed, item_of, beam_size=8, k=4)
+    ref_items, ref_scores = reference_topk_next_items(model, batch, dict_trie(codes), beam_size=8, k=4)
+    assert torch.equal(items.cpu(), ref_items)
+    torch.testing.assert_close(scores.cpu(), ref_scores, atol=1e-4, rtol=1e-4)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    model.cfg = dataclasses.replace(model.cfg, dense_score_weight=0.0)        # the beam's own order
+    plain, _ = topk_next_items(model, batch, allowed, item_of, beam_size=8, k=4)
+    assert not torch.equal(plain, items)
+
+
+def test_item_vectors_are_the_item_row_plus_the_mean_of_its_attribute_rows():
+    model, _ = dense_model()
+    table = model.context.attributes
+    with torch.no_grad():
+        for i in range(1, 13):
+            attrs = [a for a in table[i].tolist() if a > 0]
+            want = model.context.item.weight[i] + (model.context.attr.weight[attrs].mean(0) if attrs else 0)
+            torch.testing.assert_close(model.context.item_vectors(torch.tensor(i)), want)
+
+
+@pytest.mark.parametrize("arch", ["v1", "v2"])
+def test_dense_head_learns_the_next_item_beside_the_token_loss(arch):
+    codes = random_codes(12, seed=3)
+    model = make_model(arch, n_layers=1, d_model=32, item_embedding=True, dense_loss_weight=1.0,
+                       extra={"n_items": 12})
+    model.set_item_tables(item_codes=torch.cat([torch.full((1, 3), -1), codes]))
+    batch = make_batch(codes, 8, 5, 1, seed=1)
+    batch["target_items"] = batch["target_items"] + 1                         # item indices 1..N
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        _, loss, parts = model(batch)
+        loss.backward()
+        opt.step()
+    model.eval()
+    _, loss, parts = model(batch)
+    torch.testing.assert_close(loss, parts["ce"] + model.moe_aux_coef * parts["moe_aux"] + parts["item_ce"])
+    assert parts["item_ce"] < 0.1
+    with pytest.raises(ValueError, match="no 'target_items'"):
+        model(model_batch(batch))
+
+
+def test_unset_or_misshapen_item_tables_are_clear_errors():
+    codes = random_codes(12, seed=3)
+    batch = make_batch(codes, 2, 5, 1)
+    model = make_model("v2", item_embedding=True, item_attributes=True, dense_loss_weight=1.0,
+                       extra={"n_items": 12, "n_attributes": 4, "attribute_slots": 3})
+    with pytest.raises(ValueError, match="'item_codes' table is not set"):
+        model(batch)
+    with pytest.raises(ValueError, match=r"'item_codes' of shape \(13, 3\), got \(12, 3\)"):
+        model.set_item_tables(item_codes=codes, attributes=torch.zeros(13, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="config does not use it"):
+        make_model("v2").set_item_tables(item_codes=codes)
+    with pytest.raises(ValueError, match="needs n_attributes"):
+        make_model("v2", item_embedding=True, item_attributes=True, extra={"n_items": 12})
+    with pytest.raises(ValueError, match="no dense head"):
+        make_model("v2").item_logits(torch.zeros(1, 32))
+
+
+def test_saved_dense_model_loads_with_its_tables(tmp_path):
+    from onerec.model.train import load_model, save_model
+
+    model, codes = dense_model()
+    batch = model_batch(make_batch(codes, 3, 5, 1, seed=4))
+    save_model(model.eval(), tmp_path)
+    clone, _ = load_model(tmp_path)
+    assert torch.equal(clone.item_codes, model.item_codes)
+    assert torch.equal(clone.context.attributes, model.context.attributes)
+    allowed, item_of = brute_force_fns(codes)
+    for a, b in zip(topk_next_items(model, batch, allowed, item_of, 8, 4),
+                    topk_next_items(clone, batch, allowed, item_of, 8, 4)):
+        assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------- FLOPs, seeds, files

@@ -27,7 +27,7 @@ from onerec.config import (
 from onerec.eval import EvalSet
 from onerec.model import OneRecV1, build_model, generate, topk_next_items
 from onerec.model.common import GenerativeRecommender
-from onerec.model.data import ItemCodes, build_examples, context_batch, fit_tokenizer, item_table_size
+from onerec.model.data import ItemCodes, build_examples, catalogue_model, context_batch, fit_tokenizer
 from onerec.model.train import (
     CHECKPOINT_META,
     CHECKPOINT_TENSORS,
@@ -141,16 +141,25 @@ def test_context_batch_keeps_the_newest_items_left_padded():
     assert ctx["context_items"].tolist() == [[3, 4, 5], [0, 0, 6], [0, 0, 0]]     # 0 = padding
 
 
-def test_item_table_rows_are_the_tokenizers_items():
+def test_catalogue_model_fills_the_tables_its_config_asks_for():
     from onerec.eval.baselines import ItemIndex
 
     ids = np.array([3, 8, 20, 41])
+    items = pd.DataFrame({"item_id": ids, "attributes": [[7], [7, 9], [], [9, 11]]})
     tok = SemanticIdTokenizer.fit(ids, np.random.default_rng(0).normal(size=(4, 6)), levels=2, codebook_size=2)
-    with_table, without = model_config(item_embedding=True), model_config(item_embedding=False)
-    assert item_table_size(with_table, tok, ItemIndex(ids)) == 4
-    assert item_table_size(without, tok, ItemIndex(np.array([3, 8, 20]))) == 0   # no table: nothing to match
+    plain = catalogue_model(model_config(item_embedding=False), tok, ItemIndex(np.array([3, 8, 20])), items[:3])
+    assert plain.context.item is None and plain.dense is None      # no table: nothing to match
+    full = catalogue_model(model_config(item_embedding=True, item_attributes=True, dense_loss_weight=0.5),
+                           tok, ItemIndex(ids), items)
+    assert full.context.item.num_embeddings == 5
+    assert full.context.attributes.tolist() == [[0, 0], [1, 0], [1, 2], [0, 0], [2, 3]]   # remapped, 0 = none
+    assert torch.equal(full.item_codes[1:], torch.from_numpy(tok.encode(ids).astype(np.int64)))
+    assert full.hparams["extra"]["n_attributes"] == 3 and full.hparams["extra"]["attribute_slots"] == 2
     with pytest.raises(ValueError, match="not the catalogue's 3"):
-        item_table_size(with_table, tok, ItemIndex(np.array([3, 8, 20])))
+        catalogue_model(model_config(item_embedding=True), tok, ItemIndex(np.array([3, 8, 20])), items[:3])
+    with pytest.raises(ValueError, match="has none of"):
+        catalogue_model(model_config(item_embedding=True, item_attributes=True), tok, ItemIndex(ids),
+                        items[["item_id"]])
 
 
 # --------------------------------------------------------------------------- optimizer, schedule
@@ -339,8 +348,11 @@ def test_model_config_defaults_agree_with_the_model_constructors():
           **inspect.signature(OneRecV1.__init__).parameters}
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
     assert set(defaults) == {"n_kv_heads", "ffn_mult", "activation", "moe_aux_coef", "n_encoder_layers",
-                             "item_embedding"}
-    assert defaults.pop("item_embedding") is False and kw["n_items"].default == 0   # read from cfg, sized by n_items
+                             "item_embedding", "item_attributes", "dense_loss_weight", "dense_score_weight"}
+    # read from cfg, sized by n_items / n_attributes: off by default
+    assert defaults.pop("item_embedding") is False and kw["n_items"].default == 0
+    assert defaults.pop("item_attributes") is False and kw["n_attributes"].default == 0
+    assert defaults.pop("dense_loss_weight") == 0.0 and defaults.pop("dense_score_weight") == 0.0
     for name, value in defaults.items():
         model_default = kw[name].default
         assert value == (0 if model_default is None else model_default), name   # 0 = None = "same as"
