@@ -6,7 +6,10 @@
 All three see the same leave-last-out split of cfg.data: trained on the train part, selected
 (early stopping) on the valid item, tested on the last item with train + valid as input, ranked
 against every item. History items stay in the ranking: the published protocol. Where the data
-set is one the papers used, their numbers are printed beside ours (PUBLISHED).
+set is one the papers used, their numbers are printed beside ours (PUBLISHED). A hybrid model
+(a dense head whose score joins the beam's, see onerec.model.common) also gets two ablation
+rows, the same weights ranked by the beam alone and by the head alone; "OneRec beats SASRec"
+is decided by the model's own ranking, not by an ablation.
 """
 from __future__ import annotations
 

@@ -116,9 +116,7 @@ def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Te
     was_training = model.training
     model.eval()
     memory = model.encode(_context_only(context))
-    b = memory.key_mask.shape[0]
-    bos = torch.full((b, 1), model.emb.bos_id, device=memory.key_mask.device)
-    dense = model.item_logits(model.decode(bos, memory)[0][:, 0]).float().log_softmax(-1)  # (B, N)
+    dense = model.item_logits(model.bos_state(memory)).float().log_softmax(-1)  # (B, N)
     cand = torch.cat([items[:, :, 0], dense.topk(min(beam_size, dense.shape[1]), dim=1).indices], 1)
     c = cand.shape[1]                                                         # (B, C) rows, -1 = none
     earlier = torch.ones(c, c, dtype=torch.bool, device=cand.device).tril(-1)  # (C, C) j < i

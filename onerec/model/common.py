@@ -285,6 +285,11 @@ class GenerativeRecommender(nn.Module):
                 raise ValueError(f"the model's '{name}' table is not set: call set_item_tables "
                                  "(onerec.model.data.catalogue_model does) or load a saved model")
 
+    def bos_state(self, memory: Memory) -> torch.Tensor:
+        """(B, D) the decoder's state at BOS: what the first token, and the dense head, read."""
+        bos = torch.full((memory.key_mask.shape[0], 1), self.emb.bos_id, device=memory.key_mask.device)
+        return self.decode(bos, memory)[0][:, 0]
+
     def item_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The dense head: h (B, D) decoder states at BOS -> (B, N) next-item logits, column j =
         item index j + 1. Item vectors: level embeddings of its code + its per-item vector."""

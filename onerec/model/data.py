@@ -66,7 +66,10 @@ def catalogue_model(model_cfg: ModelConfig, tok: SemanticIdTokenizer, index: Ite
                              f"{len(index)}: fit the tokenizer on the same items table")
         extra["n_items"] = len(index)
     if model_cfg.item_attributes:
-        tables["attributes"] = item_attributes(items, index)                         # (N + 1, A)
+        try:
+            tables["attributes"] = item_attributes(items, index)                     # (N + 1, A)
+        except ValueError as exc:
+            raise ValueError(f"model.item_attributes: {exc}; set model.item_attributes=false") from None
         extra.update(n_attributes=int(tables["attributes"].max()),
                      attribute_slots=tables["attributes"].shape[1])
     if model_cfg.dense_loss_weight > 0:

@@ -214,9 +214,8 @@ def evaluate_dense_head(model: GenerativeRecommender, codes: ItemCodes, eval_set
 
     def score(histories, users=None) -> torch.Tensor:
         memory = model.encode(context_batch(histories, codes, model.cfg.max_seq_len, device))
-        bos = torch.full((len(histories), 1), model.emb.bos_id, device=device)
         with _autocast(device):
-            return model.item_logits(model.decode(bos, memory)[0][:, 0]).float()   # (B, N)
+            return model.item_logits(model.bos_state(memory)).float()               # (B, N)
 
     try:
         return evaluate(score, None, eval_set.histories, eval_set.targets, codes.n_items, ks=ks,

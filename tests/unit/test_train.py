@@ -157,7 +157,7 @@ def test_catalogue_model_fills_the_tables_its_config_asks_for():
     assert full.hparams["extra"]["n_attributes"] == 3 and full.hparams["extra"]["attribute_slots"] == 2
     with pytest.raises(ValueError, match="not the catalogue's 3"):
         catalogue_model(model_config(item_embedding=True), tok, ItemIndex(np.array([3, 8, 20])), items[:3])
-    with pytest.raises(ValueError, match="has none of"):
+    with pytest.raises(ValueError, match="has none of.*set model.item_attributes=false"):
         catalogue_model(model_config(item_embedding=True, item_attributes=True), tok, ItemIndex(ids),
                         items[["item_id"]])
 
