@@ -285,6 +285,15 @@ class GenerativeRecommender(nn.Module):
                 raise ValueError(f"the model's '{name}' table is not set: call set_item_tables "
                                  "(onerec.model.data.catalogue_model does) or load a saved model")
 
+    def head_flops(self, target_len: int) -> int:
+        """Matmul FLOPs of the output heads for target_len decoder tokens, + the dense head's
+        projection and its logits over all N items when the model has one."""
+        d = self.cfg.d_model
+        flops = sum(linear_flops(1, d, self.codebook_sizes[j % self.n_levels]) for j in range(target_len))
+        if self.dense is not None:
+            flops += linear_flops(1, d, d) + linear_flops(1, d, self.item_codes.shape[0] - 1)
+        return flops
+
     def bos_state(self, memory: Memory) -> torch.Tensor:
         """(B, D) the decoder's state at BOS: what the first token, and the dense head, read."""
         bos = torch.full((memory.key_mask.shape[0], 1), self.emb.bos_id, device=memory.key_mask.device)

@@ -116,5 +116,5 @@ class OneRecV1(GenerativeRecommender):
                + linear_flops(t, d, d) + linear_flops(s, d, kv_dim)           # cross q, own k/v
                + attention_core_flops(t, s, d) + linear_flops(t, d, d)
                + ffn_flops(t, d, self.ffn_hidden, swiglu, cfg.n_experts, cfg.top_k_experts))
-        heads = sum(linear_flops(1, d, self.codebook_sizes[j % self.n_levels]) for j in range(t))
+        heads = self.head_flops(t)
         return flops + self.n_encoder_layers * enc + cfg.n_layers * dec + heads

@@ -92,5 +92,5 @@ class OneRecV2(GenerativeRecommender):
                  + linear_flops(t, d, d) + linear_flops(t, d, kv_dim) + attention_core_flops(t, t, d)
                  + linear_flops(t, d, d)                                      # self-attention
                  + ffn_flops(t, d, self.ffn_hidden, swiglu, cfg.n_experts, cfg.top_k_experts))
-        heads = sum(linear_flops(1, d, self.codebook_sizes[j % self.n_levels]) for j in range(t))
+        heads = self.head_flops(t)
         return flops + cfg.n_layers * block + heads

@@ -384,6 +384,13 @@ def test_dense_head_learns_the_next_item_beside_the_token_loss(arch):
         model(model_batch(batch))
 
 
+@pytest.mark.parametrize("arch", ["v1", "v2"])
+def test_flops_count_the_dense_head(arch):
+    plain = make_model(arch, d_model=16, item_embedding=True, extra={"n_items": 12})
+    dense = make_model(arch, d_model=16, item_embedding=True, dense_loss_weight=1.0, extra={"n_items": 12})
+    assert dense.flops_per_sample(8, 3) - plain.flops_per_sample(8, 3) == 2 * 16 * 16 + 2 * 16 * 12
+
+
 def test_unset_or_misshapen_item_tables_are_clear_errors():
     codes = random_codes(12, seed=3)
     batch = make_batch(codes, 2, 5, 1)
