@@ -179,7 +179,8 @@ class ModelConfig:
     item_attributes: bool = False  # + the mean of the item's attribute vectors (needs item_embedding)
     dense_loss_weight: float = 0.0  # > 0: a dense next-item head over all N items, trained with this
                                     # weight beside the token loss (needs item_embedding)
-    dense_score_weight: float = 0.0  # next-item ranking = beam log-prob + this x the head's log-prob
+    dense_score_weight: float = 0.0  # next-item ranking of the beam's and the head's top items:
+                                     # decoder log-prob + this x the head's log-prob
 
     def validate(self, key: str) -> None:
         for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "session_len", "ffn_mult"):

@@ -115,16 +115,18 @@ def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Te
         return items[:, :, 0], scores
     was_training = model.training
     model.eval()
-    memory = model.encode(_context_only(context))
-    dense = model.item_logits(model.bos_state(memory)).float().log_softmax(-1)  # (B, N)
-    cand = torch.cat([items[:, :, 0], dense.topk(min(beam_size, dense.shape[1]), dim=1).indices], 1)
-    c = cand.shape[1]                                                         # (B, C) rows, -1 = none
-    earlier = torch.ones(c, c, dtype=torch.bool, device=cand.device).tril(-1)  # (C, C) j < i
-    repeat = ((cand[:, :, None] == cand[:, None, :]) & earlier).any(-1)       # (B, C) listed before
-    gen = _item_logp(model, memory, model.item_codes[cand.clamp(min=0) + 1])  # (B, C)
+    try:
+        memory = model.encode(_context_only(context))
+        dense = model.item_logits(model.bos_state(memory)).log_softmax(-1)    # (B, N) fp32
+        cand = torch.cat([items[:, :, 0], dense.topk(min(beam_size, dense.shape[1]), dim=1).indices], 1)
+        c = cand.shape[1]                                                     # (B, C) rows, -1 = none
+        earlier = torch.ones(c, c, dtype=torch.bool, device=cand.device).tril(-1)  # (C, C) j < i
+        repeat = ((cand[:, :, None] == cand[:, None, :]) & earlier).any(-1)   # (B, C) listed before
+        gen = _item_logp(model, memory, model.item_codes[cand.clamp(min=0) + 1])  # (B, C)
+    finally:
+        model.train(was_training)
     fused = gen + weight * dense.gather(1, cand.clamp(min=0))
     fused = fused.masked_fill(repeat | (cand < 0), float("-inf"))
-    model.train(was_training)
     fused, order = fused.topk(k, dim=1)                                       # (B, k) best first
     return torch.where(torch.isfinite(fused), cand.gather(1, order), -1), fused
 

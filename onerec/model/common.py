@@ -82,7 +82,7 @@ class SemanticIdEmbedding(nn.Module):
     def items(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (..., L) -> (..., D): the sum of an item's level embeddings."""
         ids = (self.offsets + codes).reshape(-1, codes.shape[-1])             # (X, L)
-        return F.embedding_bag(ids, self.table.weight, mode="sum").view(*codes.shape[:-1], -1)
+        return F.embedding_bag(ids, self.table.weight, mode="sum").view(*codes.shape[:-1], self.table.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(ids)
@@ -90,7 +90,8 @@ class SemanticIdEmbedding(nn.Module):
 
 class ContextEmbedding(nn.Module):
     """Context events -> (B, 1 + S, D) vectors and mask. Event vector = item embedding (sum of
-    its level embeddings, + a vector of its own when n_items > 0) + side-feature projection +
+    its level embeddings, + a vector of its own when n_items > 0, + the mean of its attribute
+    vectors when n_attributes > 0) + side-feature projection +
     recency embedding (0 = the latest event, so left and right padding give the same result).
     Token 0 is a learned start vector plus the user-feature projection; it is always valid, so
     no user has an empty context.
@@ -200,6 +201,8 @@ class GenerativeRecommender(nn.Module):
         if not codebook_sizes:
             raise ValueError("codebook_sizes is required: pass the tokenizer's codebook_sizes "
                              "(one vocabulary size per semantic-ID level)")
+        if not cfg.item_embedding and (cfg.item_attributes or cfg.dense_loss_weight > 0):
+            raise ValueError("model.item_attributes and model.dense_loss_weight need model.item_embedding")
         if cfg.item_embedding and n_items < 1:
             raise ValueError("model.item_embedding needs n_items: pass the catalogue size (the "
                              "tokenizer's item count; item index i + 1 <-> its item_ids[i])")
@@ -276,14 +279,25 @@ class GenerativeRecommender(nn.Module):
             if table is None or tuple(table.shape) != tuple(want):
                 raise ValueError(f"the model needs '{name}' of shape {tuple(want)}, got "
                                  f"{None if table is None else tuple(table.shape)}")
-            owner._buffers[name].copy_(table.clamp(min=0) if name == "item_codes" else table)
+            rows = table[1:].to(torch.int64)                                  # row 0 is padding
+            high = (torch.tensor(self.codebook_sizes) - 1 if name == "item_codes"
+                    else torch.tensor(self.context.attr.num_embeddings - 1)).to(rows.device)
+            if bool((rows < 0).any()) or bool((rows > high).any()):
+                raise ValueError(f"'{name}' rows 1..N must hold values in 0..{high.tolist()}")
+            owner._buffers[name][0] = 0
+            owner._buffers[name][1:] = rows
+        self._tables_checked = False
         return self
 
     def _check_item_tables(self) -> None:
+        """Once per model (not per step: a device sync): the tables were set or loaded."""
+        if getattr(self, "_tables_checked", False):
+            return
         for owner, name in ((self, "item_codes"), (self.context, "attributes")):
             if name in owner._buffers and bool((owner._buffers[name][1:] < 0).any()):
                 raise ValueError(f"the model's '{name}' table is not set: call set_item_tables "
                                  "(onerec.model.data.catalogue_model does) or load a saved model")
+        self._tables_checked = True
 
     def head_flops(self, target_len: int) -> int:
         """Matmul FLOPs of the output heads for target_len decoder tokens, + the dense head's
@@ -304,9 +318,13 @@ class GenerativeRecommender(nn.Module):
         item index j + 1. Item vectors: level embeddings of its code + its per-item vector."""
         if self.dense is None:
             raise ValueError("the model has no dense head (model.dense_loss_weight = 0)")
+        self._check_item_tables()
         items = torch.arange(1, self.item_codes.shape[0], device=h.device)    # (N,)
-        vectors = self.emb.items(self.item_codes[1:]) + self.context.item_vectors(items)  # (N, D)
-        return self.dense(h) @ vectors.T
+        # fp32 even under bf16 autocast: with dense_score_weight ~10, bf16's logit steps (~0.06
+        # near 16) would reorder the ranking
+        with torch.autocast(h.device.type, enabled=False):
+            vectors = self.emb.items(self.item_codes[1:]) + self.context.item_vectors(items)  # (N, D)
+            return self.dense(h.float()) @ vectors.float().T
 
     # -- interface for subclasses
     def encode(self, batch: Mapping[str, torch.Tensor]) -> Memory:
@@ -343,8 +361,9 @@ class GenerativeRecommender(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor]):
         """-> (logits, loss, aux): logits[l] (B, M, K_l) predicts target[:, :, l] (flat position
-        m*L + l); loss = mean next-token cross-entropy + moe_aux_coef * MoE load-balance loss;
-        aux = {"ce": ..., "moe_aux": ...} (detached scalars are up to the caller)."""
+        m*L + l); loss = mean next-token cross-entropy + moe_aux_coef * MoE load-balance loss
+        (+ dense_loss_weight * the dense head's next-item cross-entropy, when it has one);
+        aux = {"ce": ..., "moe_aux": ...[, "item_ce": ...]} (detaching is up to the caller)."""
         target = batch["target"]                                              # (B, M, L)
         if target.shape[-1] != self.n_levels:
             raise ValueError(f"target has {target.shape[-1]} levels, the model {self.n_levels}")
@@ -368,7 +387,8 @@ class GenerativeRecommender(nn.Module):
         if self.dense is not None:  # the next item (the session's first) from the BOS state
             if batch.get("target_items") is None:
                 raise ValueError("the model has a dense head but the batch has no 'target_items'")
-            item_ce = F.cross_entropy(self.item_logits(h[:, 0]).float(), batch["target_items"][:, 0] - 1)
+            item_ce = F.cross_entropy(self.item_logits(h[:, 0]), batch["target_items"][:, 0] - 1,
+                                      ignore_index=-1)                        # 0 = padding
             loss = loss + self.cfg.dense_loss_weight * item_ce
             parts["item_ce"] = item_ce
         return logits, loss, parts

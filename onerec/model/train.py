@@ -213,9 +213,9 @@ def evaluate_dense_head(model: GenerativeRecommender, codes: ItemCodes, eval_set
     model.eval()
 
     def score(histories, users=None) -> torch.Tensor:
-        memory = model.encode(context_batch(histories, codes, model.cfg.max_seq_len, device))
-        with _autocast(device):
-            return model.item_logits(model.bos_state(memory)).float()               # (B, N)
+        with _autocast(device):  # as evaluate_model runs the hybrid
+            memory = model.encode(context_batch(histories, codes, model.cfg.max_seq_len, device))
+            return model.item_logits(model.bos_state(memory))                       # (B, N) fp32
 
     try:
         return evaluate(score, None, eval_set.histories, eval_set.targets, codes.n_items, ks=ks,

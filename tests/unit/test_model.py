@@ -3,6 +3,7 @@ references, learning, generation constraints, FLOPs, determinism, serialization.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -347,6 +348,19 @@ def test_dense_rerank_matches_the_reference_and_changes_the_ranking(device, arch
     assert torch.equal(items.cpu(), ref_items)
     torch.testing.assert_close(scores.cpu(), ref_scores, atol=1e-4, rtol=1e-4)
     assert (scores[:, :-1] >= scores[:, 1:]).all()
+    # independently of both: a returned item the beam also found scores its beam log-prob + w x
+    # the head's log-softmax (trie row r = item index r + 1 = the head's column r)
+    beam_items, beam_scores = generate(model, batch, allowed, item_of, 8, 1, topk=8)
+    with torch.no_grad():
+        head = model.item_logits(model.bos_state(model.encode(batch))).log_softmax(-1)
+    checked = 0
+    for u, i in itertools.product(range(4), range(4)):
+        hit = (beam_items[u, :, 0] == items[u, i]).nonzero()
+        if len(hit):
+            want = beam_scores[u, hit[0, 0]] + 0.7 * head[u, items[u, i]]
+            torch.testing.assert_close(scores[u, i], want, atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked > 0
     model.cfg = dataclasses.replace(model.cfg, dense_score_weight=0.0)        # the beam's own order
     plain, _ = topk_next_items(model, batch, allowed, item_of, beam_size=8, k=4)
     assert not torch.equal(plain, items)
@@ -400,6 +414,15 @@ def test_unset_or_misshapen_item_tables_are_clear_errors():
         model(batch)
     with pytest.raises(ValueError, match=r"'item_codes' of shape \(13, 3\), got \(12, 3\)"):
         model.set_item_tables(item_codes=codes, attributes=torch.zeros(13, 3, dtype=torch.long))
+    bad = torch.cat([torch.full((1, 3), -1), codes])
+    bad[5, 1] = -1
+    with pytest.raises(ValueError, match="rows 1..N must hold values in"):
+        model.set_item_tables(item_codes=bad, attributes=torch.zeros(13, 3, dtype=torch.long))
+    bad[5, 1] = SIZES[1]                                                       # beyond the codebook
+    with pytest.raises(ValueError, match="rows 1..N must hold values in"):
+        model.set_item_tables(item_codes=bad, attributes=torch.zeros(13, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="need model.item_embedding"):
+        make_model("v2", dense_loss_weight=1.0)
     with pytest.raises(ValueError, match="config does not use it"):
         make_model("v2").set_item_tables(item_codes=codes)
     with pytest.raises(ValueError, match="needs n_attributes"):

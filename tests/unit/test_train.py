@@ -114,6 +114,8 @@ def test_examples_from_a_hand_made_sequence():
     # user 1, t=1: never crosses into user 0's items
     assert b["context_mask"][3].tolist() == [False, True] and torch.equal(b["context"][3, 1], t[5])
     assert torch.equal(b["target"][3, 0], t[6]) and b["target_mask"][3].tolist() == [True, False]
+    # the dense head's labels: the same items as the codes, 0 where the session was cut short
+    assert b["target_items"].tolist() == [[2, 3], [3, 4], [4, 0], [6, 0]]
     # a batch of short examples only is trimmed to what it needs
     short = data.batch(torch.tensor([0]))
     assert short["context"].shape == (1, 1, 3) and short["target"].shape == (1, 2, 3)
