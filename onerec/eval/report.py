@@ -47,9 +47,10 @@ def run_eval(cfg: Config, out_dir: str | Path, *, model_dir: str | Path | None =
     from onerec.model.train import evaluate_model, load_model, run_training
 
     out = Path(out_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = None
     if model_dir is not None:  # before minutes of baseline training, so a bad path fails at once
-        loaded = load_model(model_dir, "cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load_model(model_dir, device)
         if loaded[1] is None:
             raise ValueError(f"{model_dir} holds no tokenizer/: save the model with its tokenizer")
     out.mkdir(parents=True, exist_ok=True)
@@ -74,16 +75,17 @@ def run_eval(cfg: Config, out_dir: str | Path, *, model_dir: str | Path | None =
     trained = None
     if model_dir is None:  # train it here; run_training tests it on the same split
         trained = run_training(cfg, out / "onerec", progress=progress)
-        model_dir, arch = out / "onerec", trained["arch"]
+        model_dir = out / "onerec"
+        model, tok = load_model(model_dir, device)  # the ablations below rank it again
         metrics = {c: trained[f"test_{c}"] for c in COLUMNS}
     else:
         model, tok = loaded
-        arch = model.arch
         metrics = evaluate_model(model, ItemCodes.from_tokenizer(tok, data.index), test, cfg.train.beam_size,
                                  cfg.eval.batch_size, ks=KS)
+    arch = model.arch
     name = f"OneRec-{arch.upper()}"
     rows[name] = metrics if trained is None else {**metrics, "train_s": trained["tokenizer_s"] + trained["train_s"]}
-    ablations = _hybrid_ablations(cfg, model_dir if loaded is None else loaded, test, data.index)
+    ablations = _hybrid_ablations(cfg, model, tok, test, data.index)
     rows.update({f"{name}: {part}": m for part, m in ablations.items()})
 
     published = PUBLISHED.get(cfg.data.dataset, {})
@@ -108,17 +110,15 @@ def run_eval(cfg: Config, out_dir: str | Path, *, model_dir: str | Path | None =
     return figures
 
 
-def _hybrid_ablations(cfg: Config, model, test, index) -> dict[str, dict]:
+def _hybrid_ablations(cfg: Config, model, tok, test, index) -> dict[str, dict]:
     """For a model whose ranking fuses beam search with its dense head: the same weights ranked
     by the beam alone (dense_score_weight 0) and by the head alone, so the table shows what
-    each part brings. {} for any other model. `model`: a saved model's directory or (model, tok)."""
+    each part brings. {} for any other model."""
     import dataclasses
 
     from onerec.model.data import ItemCodes
-    from onerec.model.train import evaluate_dense_head, evaluate_model, load_model
+    from onerec.model.train import evaluate_dense_head, evaluate_model
 
-    model, tok = load_model(model, "cuda" if torch.cuda.is_available() else "cpu") \
-        if isinstance(model, (str, Path)) else model
     if model.dense is None or model.cfg.dense_score_weight == 0:
         return {}
     codes = ItemCodes.from_tokenizer(tok, index)
