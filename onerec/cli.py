@@ -145,6 +145,56 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipelines(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec import pipelines
+
+    # the components load the config themselves: hand them the preset and overrides as given
+    preset, overrides = args.config, args.overrides
+    if args.action == "compile":
+        print(pipelines.compile_pipeline(cfg, args.pipeline, args.output))
+        return 0
+    _progress(f"{args.action} pipeline '{args.pipeline}' (preset {preset})")
+    if args.action == "run":
+        figures = pipelines.run_local(cfg, args.pipeline, preset, overrides, as_of=args.as_of or "")
+    elif args.action == "submit":
+        figures = pipelines.submit(cfg, args.pipeline, preset, overrides)
+    else:
+        figures = pipelines.schedule(cfg, args.pipeline, preset, overrides, cron=args.cron)
+    emit_figures(figures, args.json)
+    return 0
+
+
+def _registry(cfg: Config):
+    from onerec.endpoints import MLFLOW_TRACKING_URI, resolve_endpoints
+    from onerec.registry import Registry
+
+    uri = resolve_endpoints(cfg.stack.state_dir).require(MLFLOW_TRACKING_URI)
+    return Registry.connect(uri, cfg.registry.model_name)
+
+
+def cmd_model_list(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.registry import format_versions
+
+    reg = _registry(cfg)
+    rows = reg.versions()
+    print(format_versions(rows, cfg.registry.select_metric))
+    if args.audit:
+        for e in reg.audit_trail():
+            print(f"{e.when}  {e.who:<16} {e.action:<15} {e.alias:<10} {e.from_version or '-':>3} -> "
+                  f"{e.to_version or '-':<3} {e.reason}")
+    return 0
+
+
+def cmd_model_move(cfg: Config, args: argparse.Namespace) -> int:
+    reg = _registry(cfg)
+    if args.action == "promote":
+        move = reg.promote(args.version, reason=args.reason, dry_run=args.dry_run)
+    else:
+        move = reg.rollback(args.to, reason=args.reason, dry_run=args.dry_run)
+    print(move.describe())
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +265,39 @@ def build_parser() -> argparse.ArgumentParser:
                         help="writes eval.json and, unless --model, the trained OneRec in DIR/onerec")
     p_eval.add_argument("--model", metavar="DIR", help="test this saved model (onerec train --out) instead")
     p_eval.set_defaults(func=cmd_eval)
+
+    p_pipes = sub.add_parser("pipelines", help="Kubeflow pipelines: compile, run locally, submit, schedule")
+    pipes_sub = p_pipes.add_subparsers(dest="action", required=True)
+    p_compile = pipes_sub.add_parser("compile", parents=[common],
+                                     help="write the pipeline's IR YAML (default: the committed one beside it)")
+    p_compile.add_argument("--output", metavar="PATH", help="write here instead")
+    p_run = pipes_sub.add_parser("run", parents=[common, json_out],
+                                 help="run it here with kfp.local against the embedded stack (or the environment's)")
+    p_run.add_argument("--as-of", metavar="TIME", help="feature snapshot time (ISO; default: the newest features)")
+    p_submit = pipes_sub.add_parser("submit", parents=[common, json_out], help="one run on KFP_HOST")
+    p_schedule = pipes_sub.add_parser("schedule", parents=[common, json_out], help="a recurring run on KFP_HOST")
+    p_schedule.add_argument("--cron", metavar="EXPR",
+                            help="KFP cron, 6 fields, seconds first [pipelines.schedule_cron]")
+    for p in (p_compile, p_run, p_submit, p_schedule):
+        p.add_argument("pipeline", choices=["retrain"])
+        p.set_defaults(func=cmd_pipelines)
+
+    p_model = sub.add_parser("model", help="the MLflow model registry: list, promote, rollback")
+    model_sub = p_model.add_subparsers(dest="action", required=True)
+    p_list = model_sub.add_parser("list", parents=[common], help="versions, aliases, key metrics, age")
+    p_list.add_argument("--audit", action="store_true", help="also print the audit trail of alias moves")
+    p_list.set_defaults(func=cmd_model_list)
+    why = argparse.ArgumentParser(add_help=False)
+    why.add_argument("--reason", default="", help="why: recorded in the audit trail")
+    why.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    p_promote = model_sub.add_parser("promote", parents=[common, why],
+                                     help="champion := VERSION (default: the challenger)")
+    p_promote.add_argument("version", nargs="?", help="default: the version aliased `challenger`")
+    p_promote.set_defaults(func=cmd_model_move)
+    p_rollback = model_sub.add_parser("rollback", parents=[common, why],
+                                      help="champion := the champion before it (or --to VERSION)")
+    p_rollback.add_argument("--to", metavar="VERSION", help="roll back to this version")
+    p_rollback.set_defaults(func=cmd_model_move)
 
     sub.add_parser("demo", parents=[common, json_out],
                    help="the main job end to end on the embedded stack").set_defaults(func=cmd_demo)

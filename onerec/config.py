@@ -285,6 +285,35 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """The MLflow model registry (onerec.registry) and the retrain pipeline's promotion rule."""
+    model_name: str           # the registered model
+    select_metric: str        # test metric the challenger is judged on, e.g. ndcg@10
+    margin: float             # alias `challenger` only if metric > champion's x (1 + margin)
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.model_name.strip()), f"{key}.model_name", "must not be empty")
+        _check(self.select_metric.split("@")[0] in ("recall", "ndcg") and self.select_metric.count("@") == 1,
+               f"{key}.select_metric", f"'{self.select_metric}' must be recall@K or ndcg@K")
+        _check(self.margin >= 0, f"{key}.margin", "must be >= 0 (a relative improvement)")
+
+
+@dataclass(frozen=True)
+class PipelinesConfig:
+    """Kubeflow pipelines (pipelines/, onerec.pipelines). The KFP host is an endpoint (KFP_HOST)."""
+    image: str                # the one base image of every component (built from infra/docker)
+    experiment: str           # KFP experiment that submitted and recurring runs go to
+    namespace: str            # Kubernetes namespace of the KFP user
+    schedule_cron: str        # default of `onerec pipelines schedule` (KFP's 6-field cron)
+    local_root: str           # kfp.local's pipeline root, relative to stack.state_dir
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.image.strip()), f"{key}.image", "must name a container image")
+        _check(len(self.schedule_cron.split()) == 6, f"{key}.schedule_cron",
+               f"'{self.schedule_cron}' must have 6 fields (seconds first), e.g. '0 0 3 * * *'")
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str
     seed: int
@@ -297,6 +326,8 @@ class Config:
     model: ModelConfig
     train: TrainConfig
     eval: EvalConfig
+    registry: RegistryConfig
+    pipelines: PipelinesConfig
 
 
 # --------------------------------------------------------------------------- building
@@ -373,9 +404,20 @@ def _apply_override(tree: dict, override: str) -> None:
     if parts[-1] not in node:
         raise ConfigError(f"config key '{dotted.strip()}': unknown key in override '{override}'")
     try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = _yaml11_float(value)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config key '{dotted.strip()}': cannot parse value {raw!r}: {exc}") from None
+
+
+def _yaml11_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-7` (no dot) as a string; take it as the number it is meant to be."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c.isdigit() for c in value) and "e" in value.lower() else value
+        except ValueError:
+            return value
+    return value
 
 
 def preset_path(preset: str) -> Path:

@@ -50,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from onerec.config import Config, ModelConfig, TrainConfig, to_dict
-from onerec.eval.baselines import SELECT_METRIC, EvalSet, Popularity, offline_data
+from onerec.eval.baselines import SELECT_METRIC, EvalSet, OfflineData, Popularity, offline_data
 from onerec.eval.metrics import evaluate
 
 from . import build_model
@@ -64,6 +64,7 @@ CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "onerec-checkpoint", 1
 CHECKPOINT_TENSORS, CHECKPOINT_META = "checkpoint.safetensors", "checkpoint.json"
 MODEL_FORMAT, MODEL_VERSION = "onerec-model", 1
 MODEL_TENSORS, MODEL_META, TOKENIZER_DIR = "model.safetensors", "hparams.json", "tokenizer"
+MLMODEL = "MLmodel"           # MLflow's model descriptor: the signature (written only when tracked)
 EVAL_KS = (5, 10)
 # TrainConfig fields that may differ between a checkpoint and the run resuming it (see above).
 RESUMABLE_CHANGES = ("eval_every", "patience", "beam_size", "time_budget_s", "num_threads",
@@ -141,6 +142,27 @@ class Tracker:
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
             self.client.log_batch(self.run_id, metrics=rows)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.active:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def write_mlmodel(self, model_dir: Path, flavor: Mapping) -> None:
+        """model_dir/MLmodel: the MLflow model descriptor with the serving signature (a history
+        of item ids in; top-K item ids and scores out) and an `onerec` flavor. No pyfunc: loading
+        goes through onerec.model.load_model (safetensors + JSON), never a pickle."""
+        if self.active:
+            from mlflow.models import Model
+            from mlflow.models.signature import ModelSignature
+            from mlflow.types.schema import Array, ColSpec, Schema
+
+            signature = ModelSignature(
+                inputs=Schema([ColSpec(Array("long"), "history_item_ids")]),
+                outputs=Schema([ColSpec(Array("long"), "item_ids"), ColSpec(Array("double"), "scores")]))
+            Model(run_id=self.run_id, signature=signature, flavors={"onerec": dict(flavor)}).save(
+                str(model_dir / MLMODEL))
+
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A file or a whole folder."""
         if self.active:
@@ -151,6 +173,23 @@ class Tracker:
         if self.active:
             self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
             self.client = None
+
+
+def source_version() -> str:
+    """The code's git commit: ONEREC_GIT_COMMIT (baked into the pipeline image), else `git rev-parse
+    HEAD` in the project, else 'unknown'."""
+    import subprocess
+
+    from onerec.config import PROJECT_ROOT
+
+    if os.environ.get("ONEREC_GIT_COMMIT"):
+        return os.environ["ONEREC_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def metric_name(key: str) -> str:
@@ -641,13 +680,17 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"):
 
 
 def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                 tracking_uri: str | None = None) -> dict:
+                 tracking_uri: str | None = None, data_set: OfflineData | None = None,
+                 tokenizer=None, run_tags: Mapping[str, str] | None = None) -> dict:
     """`onerec train`: the preset's data set -> leave-last-out split -> tokenizer (train events
     only) -> model -> train with validation -> test -> out_dir/{model.safetensors, hparams.json,
-    tokenizer/, checkpoint/, metrics.json}. Returns the figures (also in metrics.json).
+    MLmodel, tokenizer/, checkpoint/, metrics.json}. Returns the figures (also in metrics.json),
+    with the MLflow run id when tracked.
 
     resume: continue from out_dir/checkpoint with the tokenizer saved in out_dir/tokenizer.
     tracking_uri: MLflow; default MLFLOW_TRACKING_URI, else the embedded stack's env file, else none.
+    data_set / tokenizer: train on these (the retrain pipeline's snapshot and its fitted
+    tokenizer) instead of loading cfg.data and fitting one. run_tags: extra MLflow run tags.
     """
     from onerec.endpoints import resolve_endpoints
     from onerec.tokenizer import SemanticIdTokenizer
@@ -657,11 +700,14 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, prog
     threads = torch.get_num_threads()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    data_set = offline_data(cfg.data)
+    data_set = data_set or offline_data(cfg.data)
     ds, split, index, seqs = data_set.dataset, data_set.split, data_set.index, data_set.seqs
     tok_dir = out / TOKENIZER_DIR
     t0 = time.perf_counter()
-    if resume and tok_dir.is_dir():
+    if tokenizer is not None:
+        tok = tokenizer
+        tok.save(tok_dir)
+    elif resume and tok_dir.is_dir():
         tok = SemanticIdTokenizer.load(tok_dir)
     else:
         tok = fit_tokenizer(split.train, ds.items, cfg.tokenizer, cfg.seed)
@@ -677,6 +723,7 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, prog
     try:
         if tracker.active:
             tracker.log_params({"config": to_dict(cfg)})
+            tracker.set_tags({"git_commit": source_version(), **(run_tags or {})})
         valid = seqs.for_validation().sample(cfg.train.valid_users, cfg.seed)
         result = train(model, data, cfg.train, valid=valid, seed=cfg.seed,
                        checkpoint_dir=out / "checkpoint", resume=resume, tracker=tracker, progress=progress)
@@ -701,12 +748,16 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, prog
             "test_popularity_recall@10": round(popularity["recall@10"], 4),
             "exclude_history": False, "out": str(out),
         }
+        if tracker.active:
+            figures["mlflow_run_id"] = tracker.run_id
         save_model(model, out, tokenizer=tok, extra={"figures": figures})
         figures["wall_s"] = round(time.perf_counter() - wall0, 1)
         (out / "metrics.json").write_text(json.dumps({"figures": figures, "history": result.history},
                                                      indent=1, default=str) + "\n")
         tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, result.steps)
-        for name in (MODEL_TENSORS, MODEL_META, "metrics.json"):
+        tracker.write_mlmodel(out, flavor={"model_format": MODEL_FORMAT, "model_version": MODEL_VERSION,
+                                           "arch": model.arch, "tokenizer": TOKENIZER_DIR})
+        for name in (MODEL_TENSORS, MODEL_META, MLMODEL, "metrics.json"):
             tracker.log_artifacts(out / name, "model")
         tracker.log_artifacts(tok_dir, f"model/{TOKENIZER_DIR}")
     except BaseException:
