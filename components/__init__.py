@@ -1,7 +1,7 @@
 """KFP v2 components of the retrain pipeline: thin wrappers over `onerec.retrain`.
 
 Each function below is a lightweight Python component body: self-contained (imports inside),
-so KFP can ship its source to a container built from infra/docker/Dockerfile.pipeline, which
+so KFP can ship its source to a container built from infra/docker/Dockerfile, which
 already holds onerec and kfp (hence install_kfp_package=False: nothing is pip-installed at run
 time). `retrain_components(image)` turns them into components on one base image, the pipeline's
 parameter. Every component takes the preset and --set overrides, so the config is resolved the

@@ -3,7 +3,7 @@
     reg = Registry.connect(tracking_uri, "onerec")       # fails fast, clearly, if MLflow is down
     reg.versions()                                        # [ModelVersionInfo] newest first
     reg.register(run_id, "model", tags={...})             # -> "3"
-    reg.move("challenger", "3", actor="pipeline", reason="beat champion by 4 %")
+    reg.move({"challenger": "3"}, action="register-alias", who="pipeline", reason="beat champion by 4 %")
     reg.promote(reason="A/B won")                         # challenger -> champion
     reg.rollback(reason="p99 regression")                 # champion -> the champion before it
     reg.audit_trail()                                     # [AuditEvent] oldest first
@@ -11,10 +11,11 @@
 Aliases are the only state that says what serves: `champion` (the predictor's default) and
 `challenger` (the candidate the retrain pipeline proposes). Every alias move is one `move`: it
 checks everything first, sets or deletes the aliases, then appends an audit event, and if any
-write fails it puts back the aliases it had changed before raising, so a failed command leaves
-the registry as it found it. The audit trail lives on the registered model as tags
-`audit.<utc time>.<random>` (JSON: who, when, action, alias, from, to, why), so it travels with
-the registry and needs no other store; the keys sort by time.
+write fails it deletes the events and puts back the aliases it had written before raising, so a
+failed command leaves the registry as it found it. The audit trail lives on the registered model
+as tags `audit.<utc time>.<index><random>` (JSON: who, when, action, alias, from, to, why), so it
+travels with the registry and needs no other store; the keys sort by time, then by the order of
+the changes within one move.
 
 Rollback's "previous champion" is replayed from the audit trail: a stack of champions where
 promote and rollback --to push, and rollback pops the current one.
@@ -194,16 +195,25 @@ class Registry:
         if dry_run or not planned:
             return move
         done: list[tuple[str, str | None]] = []
+        written: list[str] = []
         try:
             for alias, before, to in planned:
                 self._set_alias(alias, to)
                 done.append((alias, before))
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
-            for alias, before, to in planned:
+            now = time.time()   # one reading: seconds and milliseconds of the same instant
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+            for i, (alias, before, to) in enumerate(planned):
                 event = AuditEvent(stamp, who or actor(), action, alias, before, to, reason)
-                key = f"{AUDIT_PREFIX}{stamp}.{secrets.token_hex(3)}"
+                # the index keeps one move's events in the order planned (the random part does not)
+                key = f"{AUDIT_PREFIX}{stamp}.{i:02d}{secrets.token_hex(3)}"
                 self.client.set_registered_model_tag(self.name, key, json.dumps(asdict(event)))
+                written.append(key)
         except Exception as exc:
+            for key in reversed(written):
+                try:
+                    self.client.delete_registered_model_tag(self.name, key)
+                except Exception:  # noqa: BLE001 - report the first failure, not the cleanup's
+                    pass
             for alias, before in reversed(done):
                 try:
                     self._set_alias(alias, before)

@@ -13,11 +13,17 @@ tests/unit/test_pipelines.py recompiles and fails on any difference. Run it with
 from pathlib import Path
 from typing import List
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
 from components import retrain_components
 
 NAME = "onerec-retrain"
+# On a cluster every step reads the endpoints from the ConfigMap that all onerec workloads use
+# (infra/base) and the Feast repo + offline store from the shared volume (infra/ingestor);
+# kfp.local ignores both (its steps inherit this process's environment).
+ENDPOINTS_CONFIGMAP, FEAST_PVC = "onerec-endpoints", "onerec-feast"
+ENDPOINT_KEYS = ("MLFLOW_TRACKING_URI", "REDIS_URL", "ONEREC_FEAST_DIR")   # the last: the volume's mount path
+FEAST_MOUNT = "/feast"
 COMPILED = Path(__file__).with_name("retrain.yaml")
 
 
@@ -42,6 +48,8 @@ def retrain_pipeline(image: str):
             alias = c.set_challenger(**cfg, version=version.output)
         for task in (snap, data, tok, train, verdict, version, alias):
             task.set_caching_options(False)   # each run must read today's features and registry
+            kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, {k: k for k in ENDPOINT_KEYS})
+        kubernetes.mount_pvc(snap, pvc_name=FEAST_PVC, mount_path=FEAST_MOUNT)
 
     return retrain
 
