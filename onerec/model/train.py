@@ -53,7 +53,7 @@ from onerec.config import Config, ModelConfig, TrainConfig, to_dict
 from onerec.eval.baselines import SELECT_METRIC, EvalSet, OfflineData, Popularity, offline_data
 from onerec.eval.metrics import evaluate
 
-from . import build_model
+from . import build_model, distributed
 from .beam import topk_next_items
 from .common import GenerativeRecommender
 from .data import ItemCodes, TrainExamples, build_examples, catalogue_model, context_batch, fit_tokenizer
@@ -110,8 +110,9 @@ class Tracker:
     """An MLflow run when `uri` is set (else MLFLOW_TRACKING_URI), otherwise nothing at all: mlflow
     is not even imported. Uses MlflowClient, so no global MLflow state is touched."""
 
-    def __init__(self, uri: str | None = None, experiment: str = "onerec-train", run_name: str | None = None):
-        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    def __init__(self, uri: str | None = None, experiment: str = "onerec-train", run_name: str | None = None,
+                 enabled: bool = True):
+        self.uri = (uri or os.environ.get("MLFLOW_TRACKING_URI") or None) if enabled else None
         self.client = self.run_id = None
         if self.uri:
             from mlflow.tracking import MlflowClient
@@ -330,18 +331,21 @@ def train(model: GenerativeRecommender, data: TrainExamples, cfg: TrainConfig, *
       schedule still spans all `epochs`.
     time_budget_s (cfg) counts the wall time of this call; a run stopped by it is validated once
       more and can be resumed.
-    device: default CUDA when available, else CPU.
+    device: default CUDA when available, else CPU (under torchrun: this rank's GPU).
+    Under torchrun (WORLD_SIZE > 1) training is data-parallel, see onerec.model.distributed;
+    the tracker and checkpoints are then rank 0's alone.
     """
     wall0 = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    group = distributed.from_env()
+    device = torch.device(device or (group.device() if group else "cuda" if torch.cuda.is_available() else "cpu"))
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     own_tracker = tracker is None
-    tracker = Tracker() if own_tracker else tracker
+    tracker = Tracker(enabled=group is None or group.main) if own_tracker else tracker
     try:
         result = _train(model, data, cfg, valid, seed, checkpoint_dir, resume, tracker, max_steps,
-                        progress, device, wall0)
+                        progress, device, wall0, group)
     except BaseException:
         if own_tracker:
             tracker.close(failed=True)
@@ -371,8 +375,12 @@ def train_step(model: GenerativeRecommender, opt: torch.optim.Optimizer, batch: 
     return loss, aux
 
 
+STOPS = (None, "early_stop", "epochs", "time_budget", "max_steps")   # codes rank 0 broadcasts
+
+
 def _train(model, data, cfg, valid, seed, checkpoint_dir, resume, tracker, max_steps, progress,
-           device, wall0) -> TrainResult:
+           device, wall0, group: distributed.Group | None = None) -> TrainResult:
+    main = group is None or group.main
     model.to(device)
     opt = make_optimizer(model, cfg)
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
@@ -391,6 +399,7 @@ def _train(model, data, cfg, valid, seed, checkpoint_dir, resume, tracker, max_s
         if resume:
             log.warning("no checkpoint in %s: training from the start", ckpt_dir)
         torch.manual_seed(seed)                           # dropout draws
+    forward = group.wrap(model) if group else model       # DDP: same weights on every rank from here
     tracker.log_params({"train": dataclasses.asdict(cfg), "model": model.hparams, "seed": seed,
                         "n_examples": len(data), "steps_per_epoch": steps_per_epoch,
                         "num_params": model.num_params()})
@@ -424,15 +433,15 @@ def _train(model, data, cfg, valid, seed, checkpoint_dir, resume, tracker, max_s
 
     stop = state.finished
     bar = tqdm(total=total_steps, initial=state.step, unit="step", desc="train", dynamic_ncols=True,
-               disable=not (progress and sys.stderr.isatty()))     # a bar on terminals, not in logs
+               disable=not (progress and main and sys.stderr.isatty()))  # a bar on terminals, not in logs
     sums = torch.zeros(3, device=device)                  # loss, ce, moe_aux since the last sync
     while stop is None and state.step < total_steps:
         epoch = state.step // steps_per_epoch
         batches = data.epoch_batches(cfg.batch_size, epoch, seed)
         for idx in batches[state.step - epoch * steps_per_epoch:]:
             t0 = time.perf_counter()
-            loss, aux = train_step(model, opt, data.batch(idx), lr_at(state.step, cfg, total_steps),
-                                   cfg.grad_clip, device)
+            loss, aux = train_step(forward, opt, data.batch(group.shard(idx) if group else idx),
+                                   lr_at(state.step, cfg, total_steps), cfg.grad_clip, device)
             sums += torch.stack([loss.detach(), aux["ce"].detach(), aux["moe_aux"].detach()]).float()
             state.step += 1
             w = state.window
@@ -454,7 +463,7 @@ def _train(model, data, cfg, valid, seed, checkpoint_dir, resume, tracker, max_s
                                 samples_s=f"{w['samples'] / max(w['seconds'], 1e-9):.0f}",
                                 best=f"{max(state.best_metric, 0.0):.4f}", refresh=False)
 
-            if eval_now:
+            if eval_now and main:
                 validate()
                 if valid is not None and cfg.patience and state.bad_evals >= cfg.patience:
                     stop = "early_stop"
@@ -462,12 +471,14 @@ def _train(model, data, cfg, valid, seed, checkpoint_dir, resume, tracker, max_s
                 stop = "epochs"
             if stop is None and cfg.time_budget_s and time.perf_counter() - wall0 >= cfg.time_budget_s:
                 stop = "time_budget"
-                if not eval_now:
+                if not eval_now and main:
                     _flush(sums, state.window)
                     validate()                            # the steps since the last one count too
             if stop is None and max_steps is not None and state.step >= max_steps:
                 stop = "max_steps"
-            if ckpt_dir is not None and (stop is not None or (cfg.checkpoint_every
+            if group:
+                stop = STOPS[group.agree(STOPS.index(stop))]   # every rank leaves at rank 0's step
+            if main and ckpt_dir is not None and (stop is not None or (cfg.checkpoint_every
                                                               and state.step % cfg.checkpoint_every == 0)):
                 _flush(sums, state.window)
                 state.finished = stop if stop in ("epochs", "early_stop") else None
@@ -704,13 +715,15 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, prog
     ds, split, index, seqs = data_set.dataset, data_set.split, data_set.index, data_set.seqs
     tok_dir = out / TOKENIZER_DIR
     t0 = time.perf_counter()
+    group = distributed.from_env()
+    main = group is None or group.main                    # under torchrun only rank 0 writes and tracks
     if tokenizer is not None:
         tok = tokenizer
-        tok.save(tok_dir)
     elif resume and tok_dir.is_dir():
         tok = SemanticIdTokenizer.load(tok_dir)
-    else:
+    else:                                                 # deterministic: every rank fits the same one
         tok = fit_tokenizer(split.train, ds.items, cfg.tokenizer, cfg.seed)
+    if main:
         tok.save(tok_dir)
     tokenizer_s = time.perf_counter() - t0
     codes = ItemCodes.from_tokenizer(tok, index)
@@ -719,7 +732,8 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, prog
     model = catalogue_model(cfg.model, tok, index, ds.items)
 
     uri = tracking_uri or resolve_endpoints(cfg.stack.state_dir).mlflow_tracking_uri
-    tracker = Tracker(uri, experiment=f"onerec-train-{cfg.data.dataset}", run_name=f"{cfg.preset}-{cfg.model.arch}")
+    tracker = Tracker(uri, experiment=f"onerec-train-{cfg.data.dataset}",
+                      run_name=f"{cfg.preset}-{cfg.model.arch}", enabled=main)
     try:
         if tracker.active:
             tracker.log_params({"config": to_dict(cfg)})
@@ -727,6 +741,8 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool = False, prog
         valid = seqs.for_validation().sample(cfg.train.valid_users, cfg.seed)
         result = train(model, data, cfg.train, valid=valid, seed=cfg.seed,
                        checkpoint_dir=out / "checkpoint", resume=resume, tracker=tracker, progress=progress)
+        if not main:
+            return {"rank": group.rank, "steps": result.steps, "stopped": result.stopped}
         t0 = time.perf_counter()
         test = evaluate_model(model, codes, seqs.for_test(), cfg.train.beam_size, cfg.train.batch_size)
         test_s = time.perf_counter() - t0
