@@ -115,18 +115,24 @@ def submit(cfg: Config, name: str, preset: str, overrides: list[str], kfp_client
 
 def schedule(cfg: Config, name: str, preset: str, overrides: list[str], cron: str | None = None,
              kfp_client=None) -> dict:
-    """A recurring run (KFP's 6-field cron, default pipelines.schedule_cron); at most one at a time,
-    no catch-up of missed runs."""
+    """A recurring run `<name>-<preset>` (KFP's 6-field cron, default pipelines.schedule_cron); at
+    most one run at a time, no catch-up of missed runs; replaces an earlier one of that name."""
     cron = cron or cfg.pipelines.schedule_cron
     if len(cron.split()) != 6:
         raise PipelineError(f"--cron '{cron}': KFP cron has 6 fields, seconds first, e.g. '0 0 3 * * *'")
     kfp_client = kfp_client or client(cfg)
     experiment = kfp_client.create_experiment(cfg.pipelines.experiment, namespace=cfg.pipelines.namespace)
+    job_name = f"{name}-{preset}"
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(cfg, name, Path(tmp) / f"{name}.yaml")
+        package = compile_pipeline(cfg, name, Path(tmp) / f"{name}.yaml")   # before anything is deleted
+        # idempotent by name: a re-applied schedule replaces the old one instead of doubling runs
+        found = kfp_client.list_recurring_runs(experiment_id=experiment.experiment_id, page_size=100)
+        replaced = [r.recurring_run_id for r in (found.recurring_runs or []) if r.display_name == job_name]
+        for run_id in replaced:
+            kfp_client.delete_recurring_run(run_id)
         job = kfp_client.create_recurring_run(
-            experiment.experiment_id, job_name=f"{name}-{preset}", cron_expression=cron,
+            experiment.experiment_id, job_name=job_name, cron_expression=cron,
             pipeline_package_path=str(package), params=_arguments(cfg, preset, overrides),
             max_concurrency=1, no_catchup=True, enable_caching=False)
     return {"pipeline": name, "recurring_run_id": job.recurring_run_id, "cron": cron,
-            "experiment": cfg.pipelines.experiment}
+            "experiment": cfg.pipelines.experiment, "replaced": replaced}

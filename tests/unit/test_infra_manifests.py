@@ -104,3 +104,72 @@ def test_dockerfile_copies_existing_paths():
     assert sources, "the Dockerfile copies nothing"
     for src in sources:
         assert (PROJECT_ROOT / src).exists(), f"infra/docker/Dockerfile: COPY {src} does not exist"
+
+
+# --------------------------------------------------------------------------- MLflow and pipelines
+
+
+def test_prod_overlay_composes_mlflow_and_pipelines_but_starts_no_training():
+    resources = {Path(r).name for r in _docs(INFRA / "overlays/prod/kustomization.yaml")[0]["resources"]}
+    assert {"mlflow", "pipelines"} <= resources
+    pipeline_resources = _docs(INFRA / "pipelines/kustomization.yaml")[0]["resources"]
+    assert "pytorchjob-train.yaml" not in pipeline_resources   # a template, submitted per run
+
+
+def test_mlflow_server_uses_postgres_and_proxied_s3_artifacts_on_the_tracking_uri():
+    uri = _one("ConfigMap", "onerec-endpoints")["data"]["MLFLOW_TRACKING_URI"]
+    port = _one("Service", "mlflow")["spec"]["ports"][0]["port"]
+    assert uri == f"http://mlflow.onerec.svc:{port}"
+    (container,) = _one("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    command = " ".join(container["args"])
+    assert "--backend-store-uri \"postgresql://" in command and "@mlflow-postgres:5432/" in command
+    assert "--serve-artifacts" in command and "--artifacts-destination s3://mlflow/" in command
+    assert f"--port {port}" in command
+    secrets = {e["secretRef"]["name"] for e in container["envFrom"]}
+    assert secrets == {"mlflow-db", "mlflow-s3"}
+    _one("StatefulSet", "mlflow-postgres")
+    _one("StatefulSet", "mlflow-minio")
+
+
+def test_mlflow_image_pins_the_projects_mlflow_range():
+    pyproject = (PROJECT_ROOT / "pyproject.toml").read_text()
+    dockerfile = (INFRA / "docker/Dockerfile.mlflow").read_text()
+    (pin,) = [line.strip().strip('",') for line in pyproject.splitlines() if line.strip().startswith('"mlflow>=')]
+    assert f'"{pin}"' in dockerfile, f"infra/docker/Dockerfile.mlflow must install {pin} like pyproject.toml"
+
+
+def test_schedule_job_creates_the_recurring_retrain_run_from_the_full_preset():
+    cfg = load_config("full")
+    job = _one("Job", "onerec-schedule-retrain")["spec"]["template"]["spec"]
+    (container,) = job["containers"]
+    assert container["command"] == ["onerec", "pipelines", "schedule", "retrain", "--config", "full"]
+    assert {"configMapRef": {"name": "onerec-endpoints"}} in container["envFrom"]
+    assert "KFP_HOST" in _one("ConfigMap", "onerec-endpoints")["data"]
+    assert job["serviceAccountName"] == _one("ServiceAccount", "onerec-pipelines")["metadata"]["name"]
+    # the pipeline's pods run in the KFP profile namespace, where the ConfigMap and Feast volume are
+    assert _docs(INFRA / "pipelines/kustomization.yaml")[0]["namespace"] == cfg.pipelines.namespace
+    assert _docs(INFRA / "base/kustomization.yaml")[0].get("namespace", "onerec") == cfg.pipelines.namespace
+
+
+def test_pytorchjob_trains_with_onerec_train_on_every_replica_and_shared_volumes():
+    import sys
+
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from pipelines.retrain import FEAST_MOUNT, FEAST_PVC
+
+    (job,) = [d for d in _docs(INFRA / "pipelines/pytorchjob-train.yaml") if d["kind"] == "PyTorchJob"]
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] >= 1
+    for role, spec in specs.items():
+        pod = spec["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["name"] == "pytorch", role            # what the training operator looks for
+        assert container["command"][:2] == ["onerec", "train"] and "--resume" in container["command"]
+        assert {"configMapRef": {"name": "onerec-endpoints"}} in container["envFrom"]
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert claims["feast"] == FEAST_PVC and mounts["feast"] == FEAST_MOUNT
+        assert claims["models"] == _one("PersistentVolumeClaim", "onerec-models")["metadata"]["name"]
+    ingestor_claims = {v.get("persistentVolumeClaim", {}).get("claimName")
+                       for v in _one("Deployment", "onerec-ingestor")["spec"]["template"]["spec"]["volumes"]}
+    assert FEAST_PVC in ingestor_claims                     # the volume the ingestor writes features to

@@ -88,8 +88,9 @@ def test_on_a_cluster_every_step_reads_the_endpoints_configmap_and_the_snapshot_
 class RecordingClient:
     """Stands in for kfp.Client: records what would be sent to a Kubeflow Pipelines host."""
 
-    def __init__(self):
+    def __init__(self, existing: tuple[tuple[str, str], ...] = ()):
         self.calls = []
+        self.recurring = list(existing)                          # (id, display name)
 
     def create_run_from_pipeline_package(self, package, **kwargs):
         self.calls.append(("run", _documents(package)[0], kwargs))
@@ -98,6 +99,14 @@ class RecordingClient:
     def create_experiment(self, name, namespace=None):
         self.calls.append(("experiment", name, namespace))
         return SimpleNamespace(experiment_id="exp-1")
+
+    def list_recurring_runs(self, experiment_id, page_size):
+        return SimpleNamespace(recurring_runs=[SimpleNamespace(recurring_run_id=i, display_name=n)
+                                               for i, n in self.recurring])
+
+    def delete_recurring_run(self, recurring_run_id):
+        self.calls.append(("delete", recurring_run_id))
+        self.recurring = [(i, n) for i, n in self.recurring if i != recurring_run_id]
 
     def create_recurring_run(self, experiment_id, **kwargs):
         self.calls.append(("recurring", _documents(kwargs["pipeline_package_path"])[0],
@@ -126,6 +135,14 @@ def test_schedule_creates_one_recurring_run_with_the_cron():
     kind, spec, kwargs = kfp.calls[1]
     assert kind == "recurring" and kwargs["cron_expression"] == "0 30 2 * * *"
     assert kwargs["experiment_id"] == "exp-1" and kwargs["max_concurrency"] == 1 and kwargs["no_catchup"]
+
+
+def test_schedule_is_idempotent_by_name():
+    kfp = RecordingClient(existing=(("rr-old", "retrain-full"), ("rr-other", "retrain-small")))
+    out = pipelines.schedule(load_config("full"), "retrain", "full", [], kfp_client=kfp)
+    assert out["replaced"] == ["rr-old"]
+    assert [c for c in kfp.calls if c[0] == "delete"] == [("delete", "rr-old")]
+    assert kfp.calls[-1][0] == "recurring" and kfp.calls[-1][2]["job_name"] == "retrain-full"
 
 
 def test_schedule_defaults_to_the_preset_cron_and_rejects_five_field_cron():
