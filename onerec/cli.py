@@ -141,7 +141,7 @@ class _ArchOverride(argparse.Action):
 def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     from onerec.demo import run_demo
 
-    emit_figures(run_demo(cfg, _progress), args.json)
+    emit_figures(run_demo(cfg, _progress, preset=args.config, overrides=args.overrides), args.json)
     return 0
 
 

@@ -3,13 +3,19 @@
 Built and run here: the embedded stack; the data set and its splits; the Feast repo applied and
 the history (before T0) backfilled into the offline store and materialized online; the live part
 replayed to Kafka and ingested into Feast by the streaming ingestor; one user's online features;
-the semantic-ID tokenizer fitted and OneRec trained and tested on the leave-last-out split (an
-MLflow run of its own, the model in <state_dir>/models); an MLflow run recording the figures. Not built yet (said so at the end, never faked): NOT_BUILT.
+the retrain pipeline through kfp.local (a point-in-time snapshot of those features, the
+semantic-ID tokenizer, OneRec trained and tracked in MLflow, evaluated against the registry's
+champion on the snapshot's leave-last-out test items, registered, aliased `challenger` (and
+`champion` on a first run) only if it beats the champion); an MLflow run recording the figures.
+Not built yet (said so at the end, never faked): NOT_BUILT.
+
+The OneRec figures are the pipeline's: trained and tested on the feature store's sequences
+(each user's last features.sequence_length items), not the data set's full histories that
+`onerec eval` and benchmarks/RESULTS.md use, so they differ from those.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable
 
 import redis
@@ -22,18 +28,20 @@ from onerec.endpoints import KAFKA_BOOTSTRAP, MLFLOW_TRACKING_URI, REDIS_URL, re
 from onerec.features import store as feast_store
 from onerec.features.backfill import backfill
 from onerec.features.schema import ONLINE_SERVICE
-from onerec.model.train import metric_name, run_training
+from onerec.model.train import metric_name
+from onerec.pipelines import run_local
 from onerec.stream.ingest import open_ingestor
 from onerec.stream.replay import replay
 
 NOT_BUILT = (
-    "KFP retrain pipeline and MLflow model registry",
     "KServe predictor with A/B routing",
     "reward feedback, RL alignment and the A/B dashboard",
 )
 
 
-def run_demo(cfg: Config, progress: Callable[[str], None]) -> dict:
+def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = None,
+             overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """preset / overrides: how cfg was loaded (the pipeline's steps load it the same way)."""
     figures: dict = {"preset": cfg.preset, "dataset": cfg.data.dataset}
     started = time.monotonic()
 
@@ -78,15 +86,15 @@ def run_demo(cfg: Config, progress: Callable[[str], None]) -> dict:
         print(f"  {name:20s} {value[-5:] if isinstance(value, list) else value}")
     figures["sample_user"], figures["sample_user_event_count"] = user, row["event_count"][0]
 
-    progress("6/7 fit the semantic-ID tokenizer, train OneRec, test it (leave-last-out; tracked in MLflow)")
-    model_dir = Path(cfg.stack.state_dir) / "models" / f"{cfg.preset}-{cfg.model.arch}"
-    trained = run_training(cfg, model_dir, progress=True,
-                           tracking_uri=endpoints.require(MLFLOW_TRACKING_URI))
-    figures.update({f"onerec_{k}": v for k, v in trained.items()
-                    if k.startswith(("test_", "samples_per_s", "train_s", "steps", "num_params"))})
-    figures["onerec_model_dir"] = str(model_dir)
-    print(f"  OneRec {cfg.model.arch}: test Recall@10 {trained['test_recall@10']:.4f} NDCG@10 "
-          f"{trained['test_ndcg@10']:.4f} (popularity Recall@10 {trained['test_popularity_recall@10']:.4f})")
+    progress("6/7 retrain pipeline (kfp.local): feature snapshot -> tokenizer -> train OneRec -> evaluate "
+             "against the champion -> register in MLflow")
+    retrained = run_local(cfg, "retrain", preset or cfg.preset, list(overrides))
+    figures.update({f"retrain_{k}": v for k, v in retrained.items() if k not in ("pipeline", "pipeline_root")})
+    figures.update({f"onerec_{k}": v for k, v in retrained["test_metrics"].items()})
+    print(f"  registered {cfg.registry.model_name} v{retrained['version']} ({retrained['evaluation']}); "
+          f"aliases now {retrained['aliases']}")
+    print(f"  OneRec {cfg.model.arch} on the snapshot's test users: Recall@10 "
+          f"{retrained['test_metrics']['test_recall@10']:.4f} NDCG@10 {retrained['test_metrics']['test_ndcg@10']:.4f}")
 
     progress("7/7 record the run in MLflow")
     figures["mlflow_run_id"] = _log_to_mlflow(cfg, endpoints.require(MLFLOW_TRACKING_URI), figures)

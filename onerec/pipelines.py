@@ -84,7 +84,8 @@ def run_local(cfg: Config, name: str, preset: str, overrides: list[str], as_of: 
     if not new:
         raise PipelineError(f"pipeline '{name}' finished but registered no version of '{reg.name}'")
     version = new[0]
-    return {"pipeline": name, "version": version.version, "aliases": reg.aliases(),
+    metrics = {k.replace("_at_", "@"): float(v) for k, v in version.tags.items() if k.startswith("test_")}
+    return {"pipeline": name, "version": version.version, "aliases": reg.aliases(), "test_metrics": metrics,
             "beats_champion": version.tags.get("beats_champion") == "true",
             "evaluation": version.tags.get("evaluation", ""), "data_snapshot": version.tags.get("data_snapshot", ""),
             "run_id": version.run_id, "pipeline_root": str(root), "seconds": round(time.perf_counter() - t0, 1)}
