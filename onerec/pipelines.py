@@ -50,7 +50,7 @@ def compile_pipeline(cfg: Config, name: str, path: str | Path | None = None) -> 
     return path
 
 
-def _arguments(cfg: Config, preset: str, overrides: list[str]) -> dict:
+def _arguments(preset: str, overrides: list[str]) -> dict:
     """Pipeline arguments: the preset as the components will load it, the overrides as given."""
     return {"preset": preset, "overrides": list(overrides)}
 
@@ -74,12 +74,15 @@ def run_local(cfg: Config, name: str, preset: str, overrides: list[str], as_of: 
     t0 = time.perf_counter()
     try:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-        pipeline_function(cfg, name)(**_arguments(cfg, preset, [*overrides, state]), as_of=as_of)
+        pipeline_function(cfg, name)(**_arguments(preset, [*overrides, state]), as_of=as_of)
     except RuntimeError as exc:
         raise PipelineError(f"pipeline '{name}' failed locally: {exc} (task logs above; outputs under {root})") from None
     finally:
         for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     new = [v for v in reg.versions() if v.version not in before]
     if not new:
         raise PipelineError(f"pipeline '{name}' finished but registered no version of '{reg.name}'")
@@ -108,7 +111,7 @@ def submit(cfg: Config, name: str, preset: str, overrides: list[str], kfp_client
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(cfg, name, Path(tmp) / f"{name}.yaml")
         result = kfp_client.create_run_from_pipeline_package(
-            str(package), arguments=_arguments(cfg, preset, overrides), run_name=f"{name}-{preset}",
+            str(package), arguments=_arguments(preset, overrides), run_name=f"{name}-{preset}",
             experiment_name=cfg.pipelines.experiment, namespace=cfg.pipelines.namespace,
             enable_caching=False)
     return {"pipeline": name, "run_id": result.run_id, "experiment": cfg.pipelines.experiment}
@@ -133,7 +136,7 @@ def schedule(cfg: Config, name: str, preset: str, overrides: list[str], cron: st
             kfp_client.delete_recurring_run(run_id)
         job = kfp_client.create_recurring_run(
             experiment.experiment_id, job_name=job_name, cron_expression=cron,
-            pipeline_package_path=str(package), params=_arguments(cfg, preset, overrides),
+            pipeline_package_path=str(package), params=_arguments(preset, overrides),
             max_concurrency=1, no_catchup=True, enable_caching=False)
     return {"pipeline": name, "recurring_run_id": job.recurring_run_id, "cron": cron,
             "experiment": cfg.pipelines.experiment, "replaced": replaced}

@@ -67,33 +67,42 @@ def snapshot_features(cfg: Config, out_dir: str | Path, as_of: str | None = None
     store = feast_store.open_store(cfg)
     service = store.get_feature_service(TRAINING_SERVICE)
     offline = feast_store.feast_dir(cfg) / "offline"
+    keys = {v.name: pd.read_parquet(offline / v.name, columns=[v.join_key, EVENT_TS]) for v in VIEWS}
+    if any(keys[v.name].empty for v in VIEWS):
+        raise ValueError(f"the offline store {offline} has no rows for "
+                         f"{', '.join(v.name for v in VIEWS if keys[v.name].empty)}: run `onerec features "
+                         "backfill` (and `onerec ingest`) first")
+    when = max(pd.Timestamp(k[EVENT_TS].max()) for k in keys.values()) if as_of is None else _utc(as_of)
     frames = {}
     for entity, filename in (("user", SNAPSHOT_USERS), ("item", SNAPSHOT_ITEMS)):
         views = [v for v in VIEWS if v.entity == entity]
-        keys = pd.concat([pd.read_parquet(offline / v.name, columns=[v.join_key, EVENT_TS]) for v in views])
-        if keys.empty:
-            raise ValueError(f"the offline store {offline} has no {entity} rows: run `onerec features "
-                             "backfill` (and `onerec ingest`) first")
-        when = (pd.Timestamp(keys[EVENT_TS].max()) if as_of is None
-                else pd.Timestamp(as_of, tz="UTC") if pd.Timestamp(as_of).tzinfo is None else pd.Timestamp(as_of))
-        ids = np.sort(keys[views[0].join_key].unique())
-        entity_df = pd.DataFrame({views[0].join_key: ids, EVENT_TS: when})
+        key = views[0].join_key
+        ids = np.sort(pd.concat([keys[v.name][key] for v in views]).unique())
         refs = [f"{p.name}:{f.name}" for p in service.feature_view_projections
                 if p.name in {v.name for v in views} for f in p.features]
-        df = store.get_historical_features(entity_df, features=refs).to_df()
-        df = df.sort_values(views[0].join_key).reset_index(drop=True)
+        df = store.get_historical_features(pd.DataFrame({key: ids, EVENT_TS: when}), features=refs).to_df()
+        df = df.sort_values(key).reset_index(drop=True)
         df.to_parquet(out / filename, index=False)
-        frames[entity] = (df, when)
-    users, as_of_ts = frames["user"]
+        frames[entity] = df
+    users = frames["user"]
     users = users[users["seq_item_ids"].map(lambda s: s is not None and len(s) > 0)]
     digest = hashlib.sha256()
     for uid, seq in zip(users["user_id"].to_numpy(), users["seq_item_ids"]):
         digest.update(np.int64(uid).tobytes() + np.asarray(seq, dtype=np.int64).tobytes())
-    meta = {"id": digest.hexdigest()[:16], "as_of": as_of_ts.isoformat(), "users": int(len(users)),
-            "events": int(users["seq_item_ids"].map(len).sum()), "items": int(len(frames["item"][0])),
+    meta = {"id": digest.hexdigest()[:16], "as_of": when.isoformat(), "users": int(len(users)),
+            "events": int(users["seq_item_ids"].map(len).sum()), "items": int(len(frames["item"])),
             "dataset": cfg.data.dataset}
     _write_json(out / SNAPSHOT_META, meta)
     return meta
+
+
+def _utc(text: str) -> pd.Timestamp:
+    """An ISO time; naive means UTC."""
+    try:
+        ts = pd.Timestamp(text)
+    except ValueError:
+        raise ValueError(f"--as-of '{text}' is not an ISO time, e.g. 1998-04-01T00:00:00Z") from None
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts
 
 
 # --------------------------------------------------------------------------- 2. training set

@@ -71,5 +71,30 @@ def test_retrain_registers_aliases_only_a_better_model_and_everything_loads_back
         assert "<=" in second["evaluation"] and f"champion v{first['version']}" in second["evaluation"]
         assert reg.aliases() == {CHAMPION: first["version"], CHALLENGER: first["version"]}
         assert reg.version(second["version"]).tags["beats_champion"] == "false"
+
+        # point in time: a snapshot as of T holds no event after T, and each user's sequence is
+        # the data's last features.sequence_length items up to that user's state at or before T
+        _check_point_in_time(cfg, tmp_path / "snapshot")
     finally:
         stack.down(cfg)
+
+
+def _check_point_in_time(cfg, out) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from onerec.data import load_dataset, time_split
+    from onerec.retrain import SNAPSHOT_USERS, snapshot_features
+
+    history = time_split(load_dataset(cfg.data).interactions, cfg.data.live_fraction).history
+    t = int(history["timestamp"].quantile(0.5))
+    meta = snapshot_features(cfg, out, as_of=pd.Timestamp(t, unit="s", tz="UTC").isoformat())
+    users = pd.read_parquet(out / SNAPSHOT_USERS).dropna(subset=["seq_item_ids"])
+    users = users[users["seq_item_ids"].map(len) > 0]
+    assert 0 < meta["users"] == len(users) < history["user_id"].nunique()   # some users start after T
+    by_user = {u: g.sort_values("timestamp", kind="stable") for u, g in history.groupby("user_id")}
+    for user, items, times in zip(users["user_id"], users["seq_item_ids"], users["seq_event_times_ms"]):
+        assert max(times) <= t * 1000, f"user {user}: the snapshot leaks an event after T"
+        seen = by_user[user][by_user[user]["timestamp"] * 1000 <= max(times)]
+        want = seen["item_id"].to_numpy()[-cfg.features.sequence_length:]
+        assert np.array_equal(np.sort(items), np.sort(want)), f"user {user}: not the data's items up to T"
