@@ -8,13 +8,14 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from pathlib import Path
 from datetime import UTC, datetime
 
 import pytest
 
 from onerec import stack
 from onerec.cli import main
-from onerec.endpoints import resolve_endpoints
+from onerec.endpoints import ENV_FILE_NAME, read_env_file
 from onerec.registry import ACTOR_ENV, Registry
 from tests.conftest import free_port, stack_config
 
@@ -26,7 +27,9 @@ def mlflow_server(tmp_path_factory):
     cfg = stack_config(tmp_path_factory.mktemp("state"))
     try:
         stack.up(cfg)
-        uri = resolve_endpoints(cfg.stack.state_dir).mlflow_tracking_uri
+        # the env file, not resolve_endpoints: module fixtures run before the per-test fixture that
+        # clears endpoint variables an earlier test (mlflow.set_tracking_uri) may have exported
+        uri = read_env_file(Path(cfg.stack.state_dir) / ENV_FILE_NAME)["MLFLOW_TRACKING_URI"]
         assert uri == f"http://127.0.0.1:{cfg.stack.mlflow_port}"
         from mlflow import MlflowClient
         experiment_id = MlflowClient(uri).create_experiment(f"registry-test-{uuid.uuid4().hex[:8]}")
