@@ -314,6 +314,22 @@ class PipelinesConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """The online predictor (onerec/serve.py, serving/). A/B variants live in their own file
+    (`ab_config`), reread when it changes, so a split changes without a restart."""
+    default_k: int            # items per response when the request names no k
+    max_k: int                # the largest k a request may ask for (<= train.beam_size)
+    beam_size: int            # beams of the constrained search per request
+    ab_config: str            # YAML/JSON file of the A/B experiment; '' = everyone gets the champion
+    popular_refresh_s: float  # how often the cold-start list is reread from Feast item stats
+
+    def validate(self, key: str) -> None:
+        _check(1 <= self.default_k <= self.max_k, f"{key}.default_k", "must be in 1..max_k")
+        _check(self.beam_size >= self.max_k, f"{key}.beam_size", "must be >= max_k (the k best items are k beams)")
+        _check(self.popular_refresh_s > 0, f"{key}.popular_refresh_s", "must be > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str
     seed: int
@@ -328,6 +344,7 @@ class Config:
     eval: EvalConfig
     registry: RegistryConfig
     pipelines: PipelinesConfig
+    serving: ServingConfig
 
 
 # --------------------------------------------------------------------------- building

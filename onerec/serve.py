@@ -1,0 +1,340 @@
+"""Online recommendation: what the KServe predictor (serving/) does per request, without KServe.
+
+    req = parse_request(payload, cfg.serving)        # validated at the boundary (RequestError = 400)
+    router = ABRouter.from_file(path)                # deterministic variant per (salt, user)
+    served = ServedModel.from_dir(model_dir, version="3", alias="champion")
+    rec = Recommender({"champion": served}, features, router, cfg.serving)
+    rec.recommend([req, ...])                        # one batched beam search per variant
+
+A request names a user (and optionally k and a request id). The user's history is the
+`user_sequence` feature (raw item ids, oldest first) from the online store; trie-constrained
+beam search (onerec.model.topk_next_items) over the variant's model gives k catalogue items,
+their scores and semantic IDs. Cold users (no history, or none of it in the model's catalogue)
+and a feature store that fails get the popular items instead, flagged `fallback` with the
+reason: a request never fails for those.
+
+A/B file (YAML or JSON), reread when its modification time changes:
+    experiment: onerec-v2-vs-v3    # also the hashing salt: a new experiment reshuffles users
+    variants:
+      - {name: control, alias: champion, weight: 90}
+      - {name: treatment, alias: challenger, weight: 10}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from onerec.config import ServingConfig
+
+CHAMPION_ONLY = "control"
+
+
+class RequestError(ValueError):
+    """A malformed request: the message says what is wrong (HTTP 400)."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class RecRequest:
+    user_id: int
+    k: int
+    request_id: str
+
+
+def parse_request(payload: object, cfg: ServingConfig) -> RecRequest:
+    """{"user_id": int, "k": int (optional), "request_id": str (optional)} -> RecRequest."""
+    if not isinstance(payload, Mapping):
+        raise RequestError(f"a request must be an object like {{\"user_id\": 42}}, got {type(payload).__name__}")
+    unknown = sorted(set(payload) - {"user_id", "k", "request_id"})
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}; allowed: user_id, k, request_id")
+    user = payload.get("user_id")
+    if isinstance(user, bool) or not isinstance(user, int) or user < 0:
+        raise RequestError(f"user_id must be a non-negative integer, got {user!r}")
+    k = payload.get("k", cfg.default_k)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cfg.max_k:
+        raise RequestError(f"k must be an integer in 1..{cfg.max_k}, got {k!r}")
+    request_id = payload.get("request_id") or uuid.uuid4().hex
+    if not isinstance(request_id, str) or len(request_id) > 128:
+        raise RequestError("request_id must be a string of at most 128 characters")
+    return RecRequest(user, k, request_id)
+
+
+# --------------------------------------------------------------------------- A/B routing
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    alias: str        # the registry alias whose model serves this variant
+    weight: float
+
+
+@dataclass(frozen=True)
+class ABConfig:
+    experiment: str
+    variants: tuple[Variant, ...]
+
+    @classmethod
+    def champion_only(cls) -> ABConfig:
+        return cls("", (Variant(CHAMPION_ONLY, "champion", 1.0),))
+
+    @classmethod
+    def parse(cls, data: object, where: str) -> ABConfig:
+        if not isinstance(data, Mapping) or not isinstance(data.get("experiment"), str) or not data["experiment"]:
+            raise ValueError(f"{where}: needs `experiment` (a non-empty string) and `variants`")
+        rows = data.get("variants")
+        if not isinstance(rows, list) or not rows:
+            raise ValueError(f"{where}: `variants` must be a non-empty list of {{name, alias, weight}}")
+        variants = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping) or set(row) != {"name", "alias", "weight"}:
+                raise ValueError(f"{where}: variants[{i}] must have exactly name, alias, weight")
+            w = row["weight"]
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                raise ValueError(f"{where}: variants[{i}].weight must be a number >= 0")
+            variants.append(Variant(str(row["name"]), str(row["alias"]), float(w)))
+        if len({v.name for v in variants}) != len(variants) or sum(v.weight for v in variants) <= 0:
+            raise ValueError(f"{where}: variant names must be unique and the weights must sum to > 0")
+        return cls(data["experiment"], tuple(variants))
+
+    def assign(self, user_id: int) -> Variant:
+        """The same (experiment, user) always lands in the same variant; shares follow the weights."""
+        if len(self.variants) == 1:
+            return self.variants[0]
+        digest = hashlib.sha256(f"{self.experiment}:{user_id}".encode()).digest()
+        point = int.from_bytes(digest[:8], "big") / 2**64 * sum(v.weight for v in self.variants)
+        for v in self.variants:
+            point -= v.weight
+            if point < 0:
+                return v
+        return self.variants[-1]
+
+
+class ABRouter:
+    """The A/B config of a file, reread whenever the file changes (a bad edit keeps the last good
+    config and is reported by `error`); without a file, everyone gets the champion."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self.config, self.error, self._mtime = ABConfig.champion_only(), None, None
+        self._lock = threading.Lock()
+        if self.path is not None:
+            self.refresh(strict=True)
+
+    def refresh(self, strict: bool = False) -> bool:
+        """Reload if the file changed -> True when a new config took effect."""
+        if self.path is None:
+            return False
+        try:
+            mtime = self.path.stat().st_mtime_ns
+            if mtime == self._mtime:
+                return False
+            text = self.path.read_text()
+            config = ABConfig.parse(yaml.safe_load(text) if self.path.suffix in (".yaml", ".yml")
+                                    else json.loads(text), str(self.path))
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            if strict:
+                raise ValueError(f"A/B config: {exc}") from None
+            self.error = str(exc)
+            return False
+        with self._lock:
+            self.config, self._mtime, self.error = config, mtime, None
+        return True
+
+    def assign(self, user_id: int) -> Variant:
+        return self.config.assign(user_id)
+
+    def refresh_every(self, interval_s: float = 1.0) -> None:
+        """`refresh` at most once per interval_s (the predictor calls this per request)."""
+        now = time.monotonic()
+        if now - getattr(self, "_checked", -interval_s) >= interval_s:
+            self._checked = now
+            self.refresh()
+
+    def aliases(self) -> set[str]:
+        return {v.alias for v in self.config.variants}
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class ServedModel:
+    """A loaded registry version: the model, its catalogue and trie, ready for beam search."""
+    model: object
+    item_ids: np.ndarray          # (N,) raw ids; item index i + 1 <-> item_ids[i]
+    codes: object                 # ItemCodes
+    trie: object                  # CodeTrie on the model's device
+    version: str
+    alias: str
+    max_seq_len: int = field(init=False)
+
+    def __post_init__(self):
+        self.max_seq_len = self.model.cfg.max_seq_len
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, version: str, alias: str, device: str = "cpu") -> ServedModel:
+        from onerec.eval.baselines import ItemIndex
+        from onerec.model.data import ItemCodes
+        from onerec.model.train import load_model
+
+        model, tok = load_model(directory, device)
+        if tok is None:
+            raise ValueError(f"{directory}: no tokenizer/ beside the weights: not a servable model")
+        index = ItemIndex(np.asarray(tok.item_ids, dtype=np.int64))
+        codes = ItemCodes.from_tokenizer(tok, index)
+        return cls(model, index.item_ids, codes, codes.trie().to(device), str(version), alias)
+
+    def histories(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Raw item ids -> this model's item indices; items it does not know are left out."""
+        out = []
+        for seq in sequences:
+            raw = np.asarray(seq, dtype=np.int64)
+            pos = np.searchsorted(self.item_ids, raw)
+            ok = (pos < len(self.item_ids)) & (self.item_ids[np.minimum(pos, len(self.item_ids) - 1)] == raw)
+            out.append(pos[ok] + 1)
+        return out
+
+    @torch.no_grad()
+    def top_items(self, histories: list[np.ndarray], k: int, beam_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> raw item ids (B, k) and scores (B, k), best first."""
+        from onerec.model import topk_next_items
+        from onerec.model.data import context_batch
+
+        device = next(self.model.parameters()).device
+        ctx = context_batch(histories, self.codes, self.max_seq_len, device)
+        rows, scores = topk_next_items(self.model, ctx, self.trie.allowed, self.trie.item_of, beam_size, k)
+        return self.item_ids[rows.cpu().numpy()], scores.float().cpu().numpy()
+
+    def semantic_ids(self, item_ids: np.ndarray) -> list[list[int]]:
+        return self.codes.table[self.histories([item_ids])[0]].tolist()
+
+
+# --------------------------------------------------------------------------- features
+
+
+class FeatureSource:
+    """What the recommender reads: users' histories and the popular items."""
+
+    def histories(self, user_ids: Sequence[int]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def popular(self, n: int) -> list[int]:
+        raise NotImplementedError
+
+
+class FeastFeatures(FeatureSource):
+    """The `recommender_online` FeatureService (user histories) and `item_stats` (popularity,
+    over the catalogue, reread every `refresh_s`)."""
+
+    def __init__(self, store, catalogue: Sequence[int], refresh_s: float):
+        from onerec.features.schema import ONLINE_SERVICE
+
+        self.store, self.catalogue, self.refresh_s = store, [int(i) for i in catalogue], refresh_s
+        self.service = store.get_feature_service(ONLINE_SERVICE)
+        self._popular: list[int] = []
+        self._popular_at = -float("inf")
+
+    def histories(self, user_ids: Sequence[int]) -> list[list[int]]:
+        rows = self.store.get_online_features(features=self.service,
+                                              entity_rows=[{"user_id": int(u)} for u in user_ids]).to_dict()
+        return [list(s or []) for s in rows["seq_item_ids"]]
+
+    def popular(self, n: int) -> list[int]:
+        """Raises when the store fails and no earlier list is cached (else the cached list)."""
+        if time.monotonic() - self._popular_at > self.refresh_s:
+            try:
+                self._refresh_popular()
+            except Exception:  # noqa: BLE001 - a stale list beats none
+                if not self._popular:
+                    raise
+        return self._popular[:n]
+
+    def _refresh_popular(self) -> None:
+        rows = self.store.get_online_features(features=["item_stats:popularity_window", "item_stats:interactions"],
+                                              entity_rows=[{"item_id": i} for i in self.catalogue]).to_dict()
+        score = np.nan_to_num(np.array([rows["popularity_window"], rows["interactions"]], dtype=float))
+        order = np.lexsort((-score[1], -score[0]))                    # by recent, then all-time popularity
+        self._popular, self._popular_at = [self.catalogue[i] for i in order], time.monotonic()
+
+
+# --------------------------------------------------------------------------- the recommender
+
+
+@dataclass
+class Recommendation:
+    request_id: str
+    user_id: int
+    items: list[int]
+    scores: list[float]
+    semantic_ids: list[list[int]]
+    variant: str
+    model_version: str
+    fallback: str | None          # None, or why: cold_user | features_unavailable
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Recommender:
+    def __init__(self, models: Mapping[str, ServedModel], features: FeatureSource, router: ABRouter,
+                 cfg: ServingConfig):
+        self.models, self.features, self.router, self.cfg = dict(models), features, router, cfg
+        self.feature_errors = 0
+
+    def swap(self, models: Mapping[str, ServedModel]) -> None:
+        """New models for new requests; a request in flight keeps the dict it started with."""
+        self.models = dict(models)
+
+    def recommend(self, requests: Sequence[RecRequest]) -> list[Recommendation]:
+        models = self.models                                          # one snapshot per batch
+        try:
+            histories = self.features.histories([r.user_id for r in requests])
+            reason = "cold_user"
+        except Exception:  # noqa: BLE001 - the online store down must not fail a request
+            self.feature_errors += 1
+            histories, reason = [[] for _ in requests], "features_unavailable"
+        out: list[Recommendation | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            variant = self.router.assign(req.user_id)
+            alias = variant.alias if variant.alias in models else "champion"
+            groups.setdefault(f"{variant.name}\0{alias}", []).append(i)
+        for key, rows in groups.items():
+            variant, alias = key.split("\0")
+            served = models[alias]
+            known = served.histories([histories[i] for i in rows])
+            warm = [j for j, h in enumerate(known) if len(h)]
+            if warm:
+                k = max(requests[rows[j]].k for j in warm)
+                items, scores = served.top_items([known[j] for j in warm], k, self.cfg.beam_size)
+                for j, row_items, row_scores in zip(warm, items, scores):
+                    req = requests[rows[j]]
+                    top = row_items[:req.k]
+                    out[rows[j]] = Recommendation(req.request_id, req.user_id, top.tolist(),
+                                                  [float(s) for s in row_scores[:req.k]], served.semantic_ids(top),
+                                                  variant, served.version, None)
+            for j in set(range(len(rows))) - set(warm):
+                req = requests[rows[j]]
+                try:
+                    items = self.features.popular(req.k)
+                except Exception:  # noqa: BLE001 - last resort: the catalogue's first items
+                    self.feature_errors += 1
+                    items = []
+                items = items or [int(i) for i in served.item_ids[:req.k]]
+                out[rows[j]] = Recommendation(req.request_id, req.user_id, items, [0.0] * len(items),
+                                              served.semantic_ids(np.asarray(items)), variant, served.version, reason)
+        return out  # type: ignore[return-value]

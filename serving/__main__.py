@@ -1,0 +1,33 @@
+"""`python -m serving`: KServe's model server with the OneRec predictor.
+
+    python -m serving --model_name onerec --preset full [--set KEY=VALUE] [--device cuda]
+Every KServe option works (--http_port, --workers, ...); ours are added to KServe's parser.
+(`--preset`, not `--config`: KServe parses sys.argv when imported, and `--config` would
+abbreviate its `--configure_logging`.)
+MLflow and Feast endpoints come from the environment (MLFLOW_TRACKING_URI, REDIS_URL)."""
+import argparse
+
+import kserve
+from kserve import model_server
+
+from onerec.config import load_config
+from onerec.endpoints import MLFLOW_TRACKING_URI, resolve_endpoints
+from serving.predictor import OneRecPredictor
+
+parser = argparse.ArgumentParser(parents=[model_server.parser], description=__doc__.split("\n")[0])
+parser.add_argument("--preset", default="full", help="preset name or YAML path [%(default)s]")
+parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+parser.add_argument("--mlflow_tracking_uri", help="default: MLFLOW_TRACKING_URI")
+parser.add_argument("--registered_model", help="default: registry.model_name")
+parser.add_argument("--ab_config", help="A/B file (YAML/JSON); default: serving.ab_config")
+parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    overrides = [*args.overrides, *([f"registry.model_name={args.registered_model}"] if args.registered_model else []),
+                 *([f"serving.ab_config={args.ab_config}"] if args.ab_config else [])]
+    cfg = load_config(args.preset, overrides)
+    uri = args.mlflow_tracking_uri or resolve_endpoints(cfg.stack.state_dir).require(MLFLOW_TRACKING_URI)
+    predictor = OneRecPredictor(args.model_name, cfg, tracking_uri=uri, device=args.device)
+    predictor.load()
+    kserve.ModelServer().start([predictor])

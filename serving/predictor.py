@@ -1,0 +1,104 @@
+"""The KServe predictor: a kserve.Model over onerec.serve (all logic lives there).
+
+KServe v1 (`POST /v1/models/<name>:predict`):
+    {"instances": [{"user_id": 42, "k": 10, "request_id": "r-1"}, ...]}
+ -> {"predictions": [{"request_id", "user_id", "items", "scores", "semantic_ids", "variant",
+                      "model_version", "fallback"}, ...]}
+Open Inference Protocol v2 (`POST /v2/models/<name>/infer`): inputs `user_id` INT64 [B] and
+optionally `k` INT64 [B]; outputs `item_ids` INT64 [B, K] and `scores` FP32 [B, K] (rows shorter
+than K padded with -1 / 0), `model_version`, `variant`, `fallback` BYTES [B] ("" = none).
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+
+import kserve
+import numpy as np
+from kserve import InferOutput, InferRequest, InferResponse
+from kserve.errors import InvalidInput
+
+from onerec.config import Config
+from onerec.serve import ABRouter, FeatureSource, Recommender, RequestError, ServedModel, parse_request
+
+
+class OneRecPredictor(kserve.Model):
+    """model_dirs {alias: (directory, version)} serves local folders instead of the registry
+    (tests, air-gapped hosts); features replaces the Feast online store (tests)."""
+
+    def __init__(self, name: str, cfg: Config, tracking_uri: str | None = None, device: str = "cpu",
+                 model_dirs: Mapping[str, tuple[str, str]] | None = None, features: FeatureSource | None = None):
+        super().__init__(name)
+        self.cfg, self.tracking_uri, self.device = cfg, tracking_uri, device
+        self.model_dirs, self.features = model_dirs, features
+        self.router = ABRouter(cfg.serving.ab_config or None)
+        self.recommender: Recommender | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="onerec-serving-")
+
+    def load(self) -> bool:
+        """Fetch every alias the A/B config uses (champion always) and open the feature store."""
+        models = self._fetch(self.router.aliases() | {"champion"})
+        features = self.features
+        if features is None:
+            from onerec.features.store import open_store
+            from onerec.serve import FeastFeatures
+
+            features = FeastFeatures(open_store(self.cfg), models["champion"].item_ids,
+                                     self.cfg.serving.popular_refresh_s)
+        self.recommender = Recommender(models, features, self.router, self.cfg.serving)
+        self.ready = True
+        return self.ready
+
+    def _fetch(self, aliases: set[str]) -> dict[str, ServedModel]:
+        if self.model_dirs is not None:
+            return {a: ServedModel.from_dir(d, v, a, self.device) for a, (d, v) in self.model_dirs.items()
+                    if a in aliases}
+        from onerec.registry import Registry
+
+        reg = Registry.connect(self.tracking_uri, self.cfg.registry.model_name)
+        current = reg.aliases()
+        if "champion" not in current:
+            raise RuntimeError(f"registered model '{reg.name}' has no champion to serve: run the retrain "
+                               "pipeline or `onerec model promote VERSION`")
+        models = {}
+        for alias in sorted(aliases & set(current)):
+            folder = reg.download(current[alias], f"{self._tmp.name}/{alias}-v{current[alias]}")
+            models[alias] = ServedModel.from_dir(folder, current[alias], alias, self.device)
+        return models
+
+    def predict(self, payload, headers=None, response_headers=None):
+        self.router.refresh_every()                   # an edited A/B file applies within a second
+        if isinstance(payload, InferRequest):
+            return self._predict_v2(payload)
+        if not isinstance(payload, Mapping) or not isinstance(payload.get("instances"), list) \
+                or not payload["instances"]:
+            raise InvalidInput('the body must be {"instances": [{"user_id": ...}, ...]} with at least one instance')
+        requests = self._parse(payload["instances"])
+        return {"predictions": [r.as_dict() for r in self.recommender.recommend(requests)]}
+
+    def _parse(self, rows) -> list:
+        try:
+            return [parse_request(row, self.cfg.serving) for row in rows]
+        except RequestError as exc:
+            raise InvalidInput(str(exc)) from None
+
+    def _predict_v2(self, request: InferRequest) -> InferResponse:
+        inputs = {i.name: i for i in request.inputs}
+        if "user_id" not in inputs or set(inputs) - {"user_id", "k"}:
+            raise InvalidInput(f"inputs must be `user_id` INT64 [B] and optionally `k` INT64 [B]; got {sorted(inputs)}")
+        users = np.asarray(inputs["user_id"].as_numpy()).reshape(-1)
+        ks = np.asarray(inputs["k"].as_numpy()).reshape(-1) if "k" in inputs else None
+        if ks is not None and len(ks) != len(users):
+            raise InvalidInput(f"`k` has {len(ks)} values for {len(users)} users")
+        rows = [{"user_id": int(u), **({} if ks is None else {"k": int(ks[i])})} for i, u in enumerate(users)]
+        recs = self.recommender.recommend(self._parse(rows))
+        width = max(len(r.items) for r in recs)
+        items = np.full((len(recs), width), -1, dtype=np.int64)
+        scores = np.zeros((len(recs), width), dtype=np.float32)
+        for i, r in enumerate(recs):
+            items[i, :len(r.items)], scores[i, :len(r.scores)] = r.items, r.scores
+        outputs = [InferOutput("item_ids", list(items.shape), "INT64", items),
+                   InferOutput("scores", list(scores.shape), "FP32", scores)]
+        outputs += [InferOutput(name, [len(recs)], "BYTES", [getattr(r, name) or "" for r in recs])
+                    for name in ("model_version", "variant", "fallback")]
+        return InferResponse(request.id or recs[0].request_id, self.name, outputs)

@@ -1,0 +1,187 @@
+"""The predictor in process (no server, no network): requests over KServe v1 and v2, A/B
+routing, cold users and a failing feature store, malformed requests."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from onerec.config import load_config
+from onerec.eval.baselines import offline_data
+from onerec.model.data import catalogue_model, fit_tokenizer
+from onerec.model.train import save_model
+from onerec.serve import ABConfig, ABRouter, FeatureSource, RequestError, parse_request
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class Features(FeatureSource):
+    """Stands in for the Feast online store: a dict of histories, a popularity list, a switch."""
+
+    def __init__(self, histories: dict[int, list[int]], popular: list[int]):
+        self.by_user, self.ranked, self.down = histories, popular, False
+
+    def histories(self, user_ids):
+        if self.down:
+            raise ConnectionError("redis is down")
+        return [self.by_user.get(u, []) for u in user_ids]
+
+    def popular(self, n):
+        if self.down:
+            raise ConnectionError("redis is down")
+        return self.ranked[:n]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Two saved (untrained, differently seeded) debug models and the debug users' histories."""
+    cfg = load_config("debug")
+    data = offline_data(cfg.data)
+    tok = fit_tokenizer(data.split.train, data.dataset.items, cfg.tokenizer, cfg.seed)
+    dirs = {}
+    for alias, seed in (("champion", 0), ("challenger", 1)):
+        torch.manual_seed(seed)
+        dirs[alias] = (str(save_model(catalogue_model(cfg.model, tok, data.index, data.dataset.items),
+                                      tmp_path_factory.mktemp(alias), tokenizer=tok)), str(seed + 1))
+    train = data.split.train
+    histories = {int(u): g["item_id"].tolist() for u, g in train.groupby("user_id")}
+    popular = train["item_id"].value_counts().index.tolist()
+    return cfg, dirs, histories, popular, set(tok.item_ids.tolist())
+
+
+def predictor(served, ab_config: str = "", **kw):
+    from serving.predictor import OneRecPredictor
+
+    cfg, dirs, histories, popular, _ = served
+    cfg = load_config("debug", [f"serving.ab_config={ab_config}"]) if ab_config else cfg
+    p = OneRecPredictor("onerec", cfg, model_dirs=dirs, features=kw.get("features") or Features(histories, popular))
+    assert p.load() and p.ready
+    return p
+
+
+def test_v1_request_returns_k_distinct_catalogue_items_with_their_semantic_ids(served):
+    cfg, dirs, histories, _, catalogue = served
+    p = predictor(served)
+    user = next(iter(histories))
+    out = p.predict({"instances": [{"user_id": user, "k": 5, "request_id": "r-1"}]})
+    (rec,) = out["predictions"]
+    assert rec["request_id"] == "r-1" and rec["user_id"] == user and rec["fallback"] is None
+    assert len(rec["items"]) == len(set(rec["items"])) == 5 and set(rec["items"]) <= catalogue
+    assert rec["scores"] == sorted(rec["scores"], reverse=True)
+    assert (rec["variant"], rec["model_version"]) == ("control", dirs["champion"][1])
+    from onerec.model.train import load_model
+
+    _, tok = load_model(dirs["champion"][0])
+    assert rec["semantic_ids"] == tok.encode(np.array(rec["items"])).tolist()
+
+
+def test_v2_infer_request_gives_padded_tensors(served):
+    from kserve import InferInput, InferRequest
+
+    _, _, histories, _, _ = served
+    users = np.array(list(histories)[:3] + [10**9], dtype=np.int64)          # the last is unknown
+    req = InferRequest("onerec", [InferInput("user_id", [4], "INT64", users),
+                                  InferInput("k", [4], "INT64", np.array([3, 4, 5, 2], dtype=np.int64))])
+    res = predictor(served).predict(req)
+    outputs = {o.name: o for o in res.outputs}
+    items = outputs["item_ids"].as_numpy()
+    assert items.shape == (4, 5)
+    assert [(row >= 0).sum() for row in items] == [3, 4, 5, 2]
+    assert list(outputs["fallback"].data) == ["", "", "", "cold_user"]
+
+
+def test_cold_user_gets_the_popular_items_flagged(served):
+    _, _, _, popular, _ = served
+    (rec,) = predictor(served).predict({"instances": [{"user_id": 10**9, "k": 4}]})["predictions"]
+    assert rec["items"] == popular[:4] and rec["fallback"] == "cold_user"
+
+
+def test_feature_store_down_is_a_flagged_fallback_not_an_error(served):
+    _, _, histories, popular, catalogue = served
+    features = Features(histories, popular)
+    p = predictor(served, features=features)
+    features.down = True
+    (rec,) = p.predict({"instances": [{"user_id": next(iter(histories)), "k": 3}]})["predictions"]
+    assert rec["fallback"] == "features_unavailable" and len(rec["items"]) == 3 and set(rec["items"]) <= catalogue
+    assert p.recommender.feature_errors >= 1
+
+
+@pytest.mark.parametrize("body, message", [
+    ({}, "instances"),
+    ({"instances": []}, "instances"),
+    ({"instances": [{"user": 1}]}, "unknown field(s) user"),
+    ({"instances": [{"user_id": "7"}]}, "user_id must be a non-negative integer"),
+    ({"instances": [{"user_id": 1, "k": 0}]}, "k must be an integer in 1..10"),
+    ({"instances": [{"user_id": 1, "k": 11}]}, "k must be an integer in 1..10"),
+    ({"instances": [7]}, "a request must be an object"),
+])
+def test_malformed_requests_are_400_with_what_is_wrong(served, body, message):
+    from kserve.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
+        predictor(served).predict(body)
+
+
+def test_parse_request_defaults():
+    cfg = load_config("debug").serving
+    req = parse_request({"user_id": 3}, cfg)
+    assert req.k == cfg.default_k and len(req.request_id) == 32
+    with pytest.raises(RequestError):
+        parse_request({"user_id": True}, cfg)
+
+
+def test_ab_assignment_is_deterministic_and_follows_the_weights():
+    ab = ABConfig.parse({"experiment": "exp-1", "variants": [
+        {"name": "control", "alias": "champion", "weight": 80},
+        {"name": "treatment", "alias": "challenger", "weight": 20}]}, "test")
+    shares = Counter(ab.assign(u).name for u in range(20_000))
+    assert abs(shares["treatment"] / 20_000 - 0.2) < 0.015
+    assert [ab.assign(u).name for u in range(100)] == [ab.assign(u).name for u in range(100)]
+    other = ABConfig.parse({"experiment": "exp-2", "variants": [
+        {"name": "control", "alias": "champion", "weight": 80},
+        {"name": "treatment", "alias": "challenger", "weight": 20}]}, "test")
+    assert [ab.assign(u).name for u in range(200)] != [other.assign(u).name for u in range(200)]  # new salt
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"variants": []}, "experiment"),
+    ({"experiment": "e", "variants": []}, "non-empty list"),
+    ({"experiment": "e", "variants": [{"name": "a", "alias": "champion"}]}, "exactly name, alias, weight"),
+    ({"experiment": "e", "variants": [{"name": "a", "alias": "champion", "weight": -1}]}, "weight"),
+    ({"experiment": "e", "variants": [{"name": "a", "alias": "x", "weight": 1},
+                                      {"name": "a", "alias": "y", "weight": 1}]}, "unique"),
+])
+def test_bad_ab_configs_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ABConfig.parse(bad, "ab.json")
+
+
+def test_ab_file_change_takes_effect_without_restart_and_a_bad_edit_keeps_the_last(served, tmp_path):
+    path = tmp_path / "ab.json"
+    path.write_text(json.dumps({"experiment": "e", "variants": [
+        {"name": "control", "alias": "champion", "weight": 1}, {"name": "treatment", "alias": "challenger", "weight": 0}]}))
+    p = predictor(served, ab_config=str(path))
+    _, dirs, histories, _, _ = served
+    users = list(histories)[:20]
+    first = p.predict({"instances": [{"user_id": u} for u in users]})["predictions"]
+    assert {r["variant"] for r in first} == {"control"}
+    path.write_text(json.dumps({"experiment": "e", "variants": [
+        {"name": "control", "alias": "champion", "weight": 0}, {"name": "treatment", "alias": "challenger", "weight": 1}]}))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert p.router.refresh()
+    after = p.predict({"instances": [{"user_id": u} for u in users]})["predictions"]
+    assert {(r["variant"], r["model_version"]) for r in after} == {("treatment", dirs["challenger"][1])}
+    path.write_text("{not json")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    assert not p.router.refresh() and p.router.error
+    assert p.router.config.variants[1].weight == 1                      # the last good config stays
+
+
+def test_a_router_without_a_file_sends_everyone_to_the_champion():
+    router = ABRouter()
+    assert {router.assign(u).alias for u in range(50)} == {"champion"} and router.aliases() == {"champion"}
