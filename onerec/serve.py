@@ -33,10 +33,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from prometheus_client import Counter, Histogram
 
 from onerec.config import ServingConfig
 
 CHAMPION_ONLY = "control"
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+FEATURE_SECONDS = Histogram("onerec_serving_feature_seconds", "feature lookup per batch", buckets=_BUCKETS)
+GENERATION_SECONDS = Histogram("onerec_serving_generation_seconds", "beam search per batch and variant",
+                               buckets=_BUCKETS)
+RECOMMENDATIONS = Counter("onerec_serving_recommendations", "recommendations served", ["variant"])
+FALLBACKS = Counter("onerec_serving_fallbacks", "recommendations that fell back", ["reason"])
 
 
 class RequestError(ValueError):
@@ -302,7 +309,8 @@ class Recommender:
     def recommend(self, requests: Sequence[RecRequest]) -> list[Recommendation]:
         models = self.models                                          # one snapshot per batch
         try:
-            histories = self.features.histories([r.user_id for r in requests])
+            with FEATURE_SECONDS.time():
+                histories = self.features.histories([r.user_id for r in requests])
             reason = "cold_user"
         except Exception:  # noqa: BLE001 - the online store down must not fail a request
             self.feature_errors += 1
@@ -320,7 +328,8 @@ class Recommender:
             warm = [j for j, h in enumerate(known) if len(h)]
             if warm:
                 k = max(requests[rows[j]].k for j in warm)
-                items, scores = served.top_items([known[j] for j in warm], k, self.cfg.beam_size)
+                with GENERATION_SECONDS.time():
+                    items, scores = served.top_items([known[j] for j in warm], k, self.cfg.beam_size)
                 for j, row_items, row_scores in zip(warm, items, scores):
                     req = requests[rows[j]]
                     top = row_items[:req.k]
@@ -337,4 +346,8 @@ class Recommender:
                 items = items or [int(i) for i in served.item_ids[:req.k]]
                 out[rows[j]] = Recommendation(req.request_id, req.user_id, items, [0.0] * len(items),
                                               served.semantic_ids(np.asarray(items)), variant, served.version, reason)
+        for rec in out:
+            RECOMMENDATIONS.labels(rec.variant).inc()
+            if rec.fallback:
+                FALLBACKS.labels(rec.fallback).inc()
         return out  # type: ignore[return-value]

@@ -4,7 +4,8 @@
 Every KServe option works (--http_port, --workers, ...); ours are added to KServe's parser.
 (`--preset`, not `--config`: KServe parses sys.argv when imported, and `--config` would
 abbreviate its `--configure_logging`.)
-MLflow and Feast endpoints come from the environment (MLFLOW_TRACKING_URI, REDIS_URL)."""
+MLflow, Feast and Kafka endpoints come from the environment (MLFLOW_TRACKING_URI, REDIS_URL,
+KAFKA_BOOTSTRAP: without it, exposures are not logged)."""
 import argparse
 
 import kserve
@@ -12,6 +13,7 @@ from kserve import model_server
 
 from onerec.config import load_config
 from onerec.endpoints import MLFLOW_TRACKING_URI, resolve_endpoints
+from onerec.exposures import ExposureLog
 from serving.predictor import OneRecPredictor
 
 parser = argparse.ArgumentParser(parents=[model_server.parser], description=__doc__.split("\n")[0])
@@ -28,6 +30,8 @@ if __name__ == "__main__":
                  *([f"serving.ab_config={args.ab_config}"] if args.ab_config else [])]
     cfg = load_config(args.preset, overrides)
     uri = args.mlflow_tracking_uri or resolve_endpoints(cfg.stack.state_dir).require(MLFLOW_TRACKING_URI)
-    predictor = OneRecPredictor(args.model_name, cfg, tracking_uri=uri, device=args.device)
+    bootstrap = resolve_endpoints(cfg.stack.state_dir).kafka_bootstrap
+    exposures = ExposureLog(bootstrap, cfg.kafka.exposures.name) if bootstrap else None
+    predictor = OneRecPredictor(args.model_name, cfg, tracking_uri=uri, device=args.device, exposures=exposures)
     predictor.load()
     kserve.ModelServer().start([predictor])

@@ -17,20 +17,30 @@ import kserve
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
+from prometheus_client import Counter, Histogram
+
+from onerec.exposures import ExposureLog
 
 from onerec.config import Config
 from onerec.serve import ABRouter, FeatureSource, Recommender, RequestError, ServedModel, parse_request
 
 
+REQUEST_SECONDS = Histogram("onerec_serving_request_seconds", "predict() per HTTP request",
+                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+BAD_REQUESTS = Counter("onerec_serving_bad_requests", "requests refused with 400")
+
+
 class OneRecPredictor(kserve.Model):
     """model_dirs {alias: (directory, version)} serves local folders instead of the registry
-    (tests, air-gapped hosts); features replaces the Feast online store (tests)."""
+    (tests, air-gapped hosts); features replaces the Feast online store (tests); exposures is
+    where every response is logged (None: not logged)."""
 
     def __init__(self, name: str, cfg: Config, tracking_uri: str | None = None, device: str = "cpu",
-                 model_dirs: Mapping[str, tuple[str, str]] | None = None, features: FeatureSource | None = None):
+                 model_dirs: Mapping[str, tuple[str, str]] | None = None, features: FeatureSource | None = None,
+                 exposures: ExposureLog | None = None):
         super().__init__(name)
         self.cfg, self.tracking_uri, self.device = cfg, tracking_uri, device
-        self.model_dirs, self.features = model_dirs, features
+        self.model_dirs, self.features, self.exposures = model_dirs, features, exposures
         self.router = ABRouter(cfg.serving.ab_config or None)
         self.recommender: Recommender | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="onerec-serving-")
@@ -67,20 +77,26 @@ class OneRecPredictor(kserve.Model):
         return models
 
     def predict(self, payload, headers=None, response_headers=None):
-        self.router.refresh_every()                   # an edited A/B file applies within a second
-        if isinstance(payload, InferRequest):
-            return self._predict_v2(payload)
-        if not isinstance(payload, Mapping) or not isinstance(payload.get("instances"), list) \
-                or not payload["instances"]:
-            raise InvalidInput('the body must be {"instances": [{"user_id": ...}, ...]} with at least one instance')
-        requests = self._parse(payload["instances"])
-        return {"predictions": [r.as_dict() for r in self.recommender.recommend(requests)]}
+        with REQUEST_SECONDS.time():
+            self.router.refresh_every()                   # an edited A/B file applies within a second
+            if isinstance(payload, InferRequest):
+                return self._predict_v2(payload)
+            if not isinstance(payload, Mapping) or not isinstance(payload.get("instances"), list) \
+                    or not payload["instances"]:
+                BAD_REQUESTS.inc()
+                raise InvalidInput('the body must be {"instances": [{"user_id": ...}, ...]} with at least one instance')
+            return {"predictions": [r.as_dict() for r in self._recommend(payload["instances"])]}
 
-    def _parse(self, rows) -> list:
+    def _recommend(self, rows) -> list:
         try:
-            return [parse_request(row, self.cfg.serving) for row in rows]
+            requests = [parse_request(row, self.cfg.serving) for row in rows]
         except RequestError as exc:
+            BAD_REQUESTS.inc()
             raise InvalidInput(str(exc)) from None
+        recs = self.recommender.recommend(requests)
+        if self.exposures is not None:
+            self.exposures.publish(recs)
+        return recs
 
     def _predict_v2(self, request: InferRequest) -> InferResponse:
         inputs = {i.name: i for i in request.inputs}
@@ -91,7 +107,7 @@ class OneRecPredictor(kserve.Model):
         if ks is not None and len(ks) != len(users):
             raise InvalidInput(f"`k` has {len(ks)} values for {len(users)} users")
         rows = [{"user_id": int(u), **({} if ks is None else {"k": int(ks[i])})} for i, u in enumerate(users)]
-        recs = self.recommender.recommend(self._parse(rows))
+        recs = self._recommend(rows)
         width = max(len(r.items) for r in recs)
         items = np.full((len(recs), width), -1, dtype=np.int64)
         scores = np.zeros((len(recs), width), dtype=np.float32)

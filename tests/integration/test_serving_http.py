@@ -30,6 +30,21 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def _consume(bootstrap: str, topic: str, want: int, timeout_s: float = 30.0) -> list[dict]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id="serving-test", auto_offset_reset="earliest",
+                             enable_auto_commit=False, session_timeout_ms=6000, heartbeat_interval_ms=1000)
+    records, deadline = [], time.monotonic() + timeout_s
+    try:
+        while len(records) < want and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(json.loads(r.value) for r in batch)
+    finally:
+        consumer.close()
+    return records
+
+
 def _register_champion(cfg, uri: str, tmp_path) -> tuple[str, set[int]]:
     from mlflow.tracking import MlflowClient
 
@@ -68,7 +83,8 @@ def test_http_predictions_come_from_the_registry_champion_and_feast_features(tmp
         version, catalogue = _register_champion(cfg, uri, tmp_path)
 
         port = free_port()
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "REDIS_URL": redis_url, "PYTHONPATH": str(PROJECT_ROOT)}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "REDIS_URL": redis_url, "PYTHONPATH": str(PROJECT_ROOT),
+               "KAFKA_BOOTSTRAP": env_file["KAFKA_BOOTSTRAP"]}
         server = subprocess.Popen(
             [sys.executable, "-m", "serving", "--model_name", "onerec", "--preset", "debug",
              "--set", f"stack.state_dir={cfg.stack.state_dir}", "--http_port", str(port),
@@ -88,7 +104,8 @@ def test_http_predictions_come_from_the_registry_champion_and_feast_features(tmp
             time.sleep(1)
 
         history_user = 1                                  # ml-100k user 1: in the debug slice's history
-        status, body = _post(f"{base}/v1/models/onerec:predict", {"instances": [{"user_id": history_user, "k": 5}]})
+        status, body = _post(f"{base}/v1/models/onerec:predict",
+                             {"instances": [{"user_id": history_user, "k": 5, "request_id": "http-1"}]})
         assert status == 200, body
         (rec,) = body["predictions"]
         assert rec["fallback"] is None and rec["model_version"] == version
@@ -103,6 +120,12 @@ def test_http_predictions_come_from_the_registry_champion_and_feast_features(tmp
         outputs = {o["name"]: o for o in body["outputs"]}
         assert outputs["item_ids"]["shape"] == [2, cfg.serving.default_k]
         assert outputs["fallback"]["data"] == ["", "cold_user"]
+
+        # every response went to Kafka `exposures`: the v1 request, then the two v2 users
+        exposures = _consume(env_file["KAFKA_BOOTSTRAP"], cfg.kafka.exposures.name, want=3)
+        first = next(e for e in exposures if e["request_id"] == "http-1")
+        assert [i["item_id"] for i in first["items"]] == rec["items"] and first["model_version"] == version
+        assert sorted(e["user_id"] for e in exposures) == sorted([history_user, history_user, 10**9])
     finally:
         if server is not None:
             server.terminate()

@@ -185,3 +185,103 @@ def test_ab_file_change_takes_effect_without_restart_and_a_bad_edit_keeps_the_la
 def test_a_router_without_a_file_sends_everyone_to_the_champion():
     router = ABRouter()
     assert {router.assign(u).alias for u in range(50)} == {"champion"} and router.aliases() == {"champion"}
+
+
+# --------------------------------------------------------------------------- exposures
+
+
+class FakeFuture:
+    def __init__(self, ok: bool = True):
+        self.ok = ok
+
+    def add_callback(self, fn):
+        if self.ok:
+            fn(None)
+        return self
+
+    def add_errback(self, fn):
+        if not self.ok:
+            fn(RuntimeError("broker said no"))
+        return self
+
+
+class FakeProducer:
+    def __init__(self):
+        self.records = []
+
+    def send(self, topic, key, value):
+        self.records.append((topic, key, json.loads(value)))
+        return FakeFuture()
+
+    def flush(self, timeout=None):
+        pass
+
+    def close(self, timeout=None):
+        pass
+
+
+def _wait(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_every_response_is_logged_as_an_exposure_with_positions(served):
+    from onerec.exposures import ExposureLog
+
+    _, _, histories, _, _ = served
+    producer = FakeProducer()
+    log = ExposureLog("kafka:9092", "exposures", producer_factory=lambda _: producer)
+    p = predictor(served)
+    p.exposures = log
+    users = list(histories)[:3]
+    recs = p.predict({"instances": [{"user_id": u, "k": 4, "request_id": f"r{u}"} for u in users]})["predictions"]
+    _wait(lambda: len(producer.records) == 3)
+    log.close()
+    assert log.sent == 3 and log.dropped == 0
+    for (topic, key, value), rec in zip(producer.records, recs):
+        assert topic == "exposures" and key == str(rec["user_id"]).encode()
+        assert value["request_id"] == rec["request_id"] and value["variant"] == rec["variant"]
+        assert value["model_version"] == rec["model_version"] and value["schema_version"] == 1
+        assert [(i["item_id"], i["position"]) for i in value["items"]] == list(zip(rec["items"], range(4)))
+
+
+def test_kafka_down_never_fails_a_request_and_counts_the_drops(served):
+    from onerec.exposures import ExposureLog
+
+    def unreachable(_):
+        raise ConnectionError("NoBrokersAvailable")
+
+    _, _, histories, _, _ = served
+    log = ExposureLog("nowhere:1", "exposures", producer_factory=unreachable, max_backoff_s=0.05)
+    p = predictor(served)
+    p.exposures = log
+    for u in list(histories)[:5]:
+        assert len(p.predict({"instances": [{"user_id": u}]})["predictions"][0]["items"]) == 10
+    _wait(lambda: log.dropped == 5)
+    t = time.monotonic()
+    log.close()
+    assert time.monotonic() - t < 2 and log.sent == 0
+
+
+def test_a_full_buffer_drops_instead_of_blocking():
+    import threading
+
+    from onerec.exposures import ExposureLog
+    from onerec.serve import Recommendation
+
+    release = threading.Event()
+
+    class Stuck(FakeProducer):
+        def send(self, topic, key, value):
+            release.wait(5)
+            return super().send(topic, key, value)
+
+    log = ExposureLog("kafka:9092", "exposures", max_buffer=2, producer_factory=lambda _: Stuck())
+    rec = Recommendation("r", 1, [5], [0.5], [[0, 0, 0]], "control", "1", None)
+    t = time.monotonic()
+    dropped = sum(log.publish([rec]) for _ in range(10))
+    assert time.monotonic() - t < 0.5 and dropped >= 7 and log.dropped == dropped
+    release.set()
+    log.close()
