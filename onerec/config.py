@@ -322,11 +322,13 @@ class ServingConfig:
     beam_size: int            # beams of the constrained search per request
     ab_config: str            # YAML/JSON file of the A/B experiment; '' = everyone gets the champion
     popular_refresh_s: float  # how often the cold-start list is reread from Feast item stats
+    reload_poll_s: float      # how often the registry aliases are polled; a moved alias is swapped in
 
     def validate(self, key: str) -> None:
         _check(1 <= self.default_k <= self.max_k, f"{key}.default_k", "must be in 1..max_k")
         _check(self.beam_size >= self.max_k, f"{key}.beam_size", "must be >= max_k (the k best items are k beams)")
         _check(self.popular_refresh_s > 0, f"{key}.popular_refresh_s", "must be > 0")
+        _check(self.reload_poll_s > 0, f"{key}.reload_poll_s", "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ than K padded with -1 / 0), `model_version`, `variant`, `fallback` BYTES [B] (""
 """
 from __future__ import annotations
 
+import logging
+import shutil
 import tempfile
+import threading
 from collections.abc import Mapping
 
 import kserve
@@ -28,6 +31,8 @@ from onerec.serve import ABRouter, FeatureSource, Recommender, RequestError, Ser
 REQUEST_SECONDS = Histogram("onerec_serving_request_seconds", "predict() per HTTP request",
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 BAD_REQUESTS = Counter("onerec_serving_bad_requests", "requests refused with 400")
+RELOADS = Counter("onerec_serving_reloads", "model swaps after an alias moved, by outcome", ["outcome"])
+log = logging.getLogger(__name__)
 
 
 class OneRecPredictor(kserve.Model):
@@ -43,6 +48,8 @@ class OneRecPredictor(kserve.Model):
         self.model_dirs, self.features, self.exposures = model_dirs, features, exposures
         self.router = ABRouter(cfg.serving.ab_config or None)
         self.recommender: Recommender | None = None
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
         self._tmp = tempfile.TemporaryDirectory(prefix="onerec-serving-")
 
     def load(self) -> bool:
@@ -56,8 +63,48 @@ class OneRecPredictor(kserve.Model):
             features = FeastFeatures(open_store(self.cfg), models["champion"].item_ids,
                                      self.cfg.serving.popular_refresh_s)
         self.recommender = Recommender(models, features, self.router, self.cfg.serving)
+        if self.model_dirs is None and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="alias-watcher", daemon=True)
+            self._watcher.start()
         self.ready = True
         return self.ready
+
+    def reload_if_moved(self) -> bool:
+        """Hot reload: when an alias this predictor serves points at another version (a promote,
+        a rollback, a new challenger), fetch it and swap the models in one assignment; requests
+        in flight finish on the models they started with. -> True when it swapped."""
+        from onerec.registry import Registry
+
+        reg = Registry.connect(self.tracking_uri, self.cfg.registry.model_name)
+        wanted = self.router.aliases() | {"champion"}
+        current = {a: v for a, v in reg.aliases().items() if a in wanted}
+        served = {a: m.version for a, m in self.recommender.models.items()}
+        if current == served or "champion" not in current:
+            return False
+        keep = {a: m for a, m in self.recommender.models.items() if current.get(a) == m.version}
+        fresh = self._fetch(set(current) - set(keep))
+        self.recommender.swap({**keep, **fresh})
+        for alias, old in served.items():                 # old versions' downloads are no longer read
+            if current.get(alias) != old:
+                shutil.rmtree(f"{self._tmp.name}/{alias}-v{old}", ignore_errors=True)
+        log.info("swapped models: %s -> %s", served, current)
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.cfg.serving.reload_poll_s):
+            try:
+                if self.reload_if_moved():
+                    RELOADS.labels("swapped").inc()
+            except Exception as exc:  # noqa: BLE001 - keep serving the models we have
+                RELOADS.labels("failed").inc()
+                log.warning("hot reload failed (still serving %s): %s",
+                            {a: m.version for a, m in self.recommender.models.items()}, exc)
+
+    def stop(self):
+        self._stop.set()
+        if self.exposures is not None:
+            self.exposures.close()
+        super().stop()
 
     def _fetch(self, aliases: set[str]) -> dict[str, ServedModel]:
         if self.model_dirs is not None:

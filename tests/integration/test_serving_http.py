@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from onerec import stack
+from onerec.cli import main
 from onerec.config import PROJECT_ROOT
 from onerec.endpoints import ENV_FILE_NAME, read_env_file
 from tests.conftest import free_port, stack_config
@@ -45,7 +47,9 @@ def _consume(bootstrap: str, topic: str, want: int, timeout_s: float = 30.0) -> 
     return records
 
 
-def _register_champion(cfg, uri: str, tmp_path) -> tuple[str, set[int]]:
+def _register_two_versions(cfg, uri: str, tmp_path) -> tuple[str, str, set[int]]:
+    """Versions 1 and 2 (other initial weights); 1 was champion, 2 is now (so a rollback has
+    somewhere to go)."""
     from mlflow.tracking import MlflowClient
 
     from onerec.eval.baselines import offline_data
@@ -55,15 +59,20 @@ def _register_champion(cfg, uri: str, tmp_path) -> tuple[str, set[int]]:
 
     data = offline_data(cfg.data)
     tok = fit_tokenizer(data.split.train, data.dataset.items, cfg.tokenizer, cfg.seed)
-    torch.manual_seed(0)
-    folder = save_model(catalogue_model(cfg.model, tok, data.index, data.dataset.items), tmp_path / "m", tokenizer=tok)
     client = MlflowClient(uri)
-    run = client.create_run(client.create_experiment("serving-test")).info.run_id
-    client.log_artifacts(run, str(folder), "model")
+    experiment = client.create_experiment("serving-test")
     reg = Registry.connect(uri, cfg.registry.model_name)
-    version = reg.register(run, "model")
-    reg.move({"champion": version}, action="register-alias", who="test")
-    return version, set(tok.item_ids.tolist())
+    versions = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folder = save_model(catalogue_model(cfg.model, tok, data.index, data.dataset.items), tmp_path / f"m{seed}",
+                            tokenizer=tok)
+        run = client.create_run(experiment).info.run_id
+        client.log_artifacts(run, str(folder), "model")
+        versions.append(reg.register(run, "model"))
+    reg.move({"champion": versions[0]}, action="register-alias", who="test")
+    reg.promote(versions[1], reason="test")
+    return versions[0], versions[1], set(tok.item_ids.tolist())
 
 
 def test_http_predictions_come_from_the_registry_champion_and_feast_features(tmp_path):
@@ -80,20 +89,22 @@ def test_http_predictions_come_from_the_registry_champion_and_feast_features(tmp
         uri, redis_url = env_file["MLFLOW_TRACKING_URI"], env_file["REDIS_URL"]
         apply_repo(cfg)
         backfill(cfg, redis.Redis.from_url(redis_url), progress=False)
-        version, catalogue = _register_champion(cfg, uri, tmp_path)
+        previous, version, catalogue = _register_two_versions(cfg, uri, tmp_path)
 
         port = free_port()
+        server_log = tmp_path / "server.log"      # a file, not a pipe: an unread pipe fills and stalls the server
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "REDIS_URL": redis_url, "PYTHONPATH": str(PROJECT_ROOT),
                "KAFKA_BOOTSTRAP": env_file["KAFKA_BOOTSTRAP"]}
         server = subprocess.Popen(
             [sys.executable, "-m", "serving", "--model_name", "onerec", "--preset", "debug",
-             "--set", f"stack.state_dir={cfg.stack.state_dir}", "--http_port", str(port),
+             "--set", f"stack.state_dir={cfg.stack.state_dir}", "--set", "serving.reload_poll_s=1",
+             "--http_port", str(port),
              "--grpc_port", str(free_port()), "--enable_grpc", "false"],
-            cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=PROJECT_ROOT, env=env, stdout=server_log.open("w"), stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
+            assert server.poll() is None, server_log.read_text()[-3000:]
             try:
                 with urllib.request.urlopen(f"{base}/v1/models/onerec", timeout=2) as resp:
                     if json.loads(resp.read()).get("ready"):
@@ -126,6 +137,41 @@ def test_http_predictions_come_from_the_registry_champion_and_feast_features(tmp
         first = next(e for e in exposures if e["request_id"] == "http-1")
         assert [i["item_id"] for i in first["items"]] == rec["items"] and first["model_version"] == version
         assert sorted(e["user_id"] for e in exposures) == sorted([history_user, history_user, 10**9])
+
+        # `onerec model rollback` while requests stream: none fails, the previous champion serves
+        # new requests within 10 s
+        results, stop = [], threading.Event()
+
+        def stream():
+            while not stop.is_set():
+                t = time.monotonic()
+                try:
+                    status, body = _post(f"{base}/v1/models/onerec:predict", {"instances": [{"user_id": history_user}]})
+                except OSError as exc:                            # a timeout or a refused connection fails too
+                    status, body = repr(exc), {}
+                results.append((t, status, body.get("predictions", [{}])[0].get("model_version"),
+                                time.monotonic() - t))
+
+        sender = threading.Thread(target=stream)
+        sender.start()
+        try:
+            time.sleep(1.0)
+            cli = ["--config", "debug", "--set", f"stack.state_dir={cfg.stack.state_dir}",
+                   "--set", f"stack.mlflow_port={cfg.stack.mlflow_port}"]
+            rolled_at = time.monotonic()
+            assert main(["model", "rollback", *cli, "--reason", "test"]) == 0
+            deadline = rolled_at + 10
+            while time.monotonic() < deadline and not (results and results[-1][2] == previous):
+                time.sleep(0.2)
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            sender.join(30)
+        assert results and all(status == 200 for _, status, _, _ in results), [r for r in results if r[1] != 200][:3]
+        switched = [t for t, _, v, _ in results if v == previous]
+        assert switched and switched[0] - rolled_at < 10, f"the previous champion did not serve within 10 s: {results[-3:]}"
+        assert {v for t, _, v, _ in results if t < rolled_at} == {version}
+        assert all(v == previous for t, _, v, _ in results if t > switched[0])    # no flapping back
     finally:
         if server is not None:
             server.terminate()
@@ -133,4 +179,5 @@ def test_http_predictions_come_from_the_registry_champion_and_feast_features(tmp
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 server.kill()
+            print((tmp_path / "server.log").read_text()[-4000:])   # the server's log, shown when the test fails
         stack.down(cfg)
