@@ -173,3 +173,19 @@ def test_pytorchjob_trains_with_onerec_train_on_every_replica_and_shared_volumes
     ingestor_claims = {v.get("persistentVolumeClaim", {}).get("claimName")
                        for v in _one("Deployment", "onerec-ingestor")["spec"]["template"]["spec"]["volumes"]}
     assert FEAST_PVC in ingestor_claims                     # the volume the ingestor writes features to
+
+
+def test_inferenceservice_runs_the_predictor_on_a_gpu_with_a_canary():
+    (isvc,) = _kind("InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    assert 0 < predictor["canaryTrafficPercent"] < 100
+    (container,) = predictor["containers"]
+    assert container["command"] == ["python", "-m", "serving"]
+    args = container["args"]
+    assert args[args.index("--model_name") + 1] == isvc["metadata"]["name"]
+    assert args[args.index("--preset") + 1] == "full" and args[args.index("--device") + 1] == "cuda"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"configMapRef": {"name": "onerec-endpoints"}} in container["envFrom"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in predictor["volumes"]}
+    assert "onerec-feast" in claims
+    assert "serving" in {Path(r).name for r in _docs(INFRA / "overlays/prod/kustomization.yaml")[0]["resources"]}
