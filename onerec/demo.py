@@ -6,7 +6,9 @@ replayed to Kafka and ingested into Feast by the streaming ingestor; one user's 
 the retrain pipeline through kfp.local (a point-in-time snapshot of those features, the
 semantic-ID tokenizer, OneRec trained and tracked in MLflow, evaluated against the registry's
 champion on the snapshot's leave-last-out test items, registered, aliased `challenger` (and
-`champion` on a first run) only if it beats the champion); an MLflow run recording the figures.
+`champion` on a first run) only if it beats the champion); the KServe predictor, in process,
+serving one user from the registry's champion and Feast online, its exposure sent to Kafka;
+an MLflow run recording the figures.
 Not built yet (said so at the end, never faked): NOT_BUILT.
 
 The OneRec figures are the pipeline's: trained and tested on the feature store's sequences
@@ -34,7 +36,7 @@ from onerec.stream.ingest import open_ingestor
 from onerec.stream.replay import replay
 
 NOT_BUILT = (
-    "KServe predictor with A/B routing",
+    "request batching in the predictor and the serving benchmark",
     "reward feedback, RL alignment and the A/B dashboard",
 )
 
@@ -45,14 +47,14 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     figures: dict = {"preset": cfg.preset, "dataset": cfg.data.dataset}
     started = time.monotonic()
 
-    progress("1/7 embedded stack up (Kafka, Redis, MLflow)")
+    progress("1/8 embedded stack up (Kafka, Redis, MLflow)")
     statuses = stack.up(cfg, progress)
     print(stack.format_status(statuses))
     figures["stack_healthy_s"] = round(time.monotonic() - started, 1)
     endpoints = resolve_endpoints(cfg.stack.state_dir)
     bootstrap = endpoints.require(KAFKA_BOOTSTRAP)
 
-    progress("2/7 load and split the data set")
+    progress("2/8 load and split the data set")
     dataset = load_dataset(cfg.data)
     stats = describe(dataset)
     print(format_table(stats))
@@ -62,12 +64,12 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
                    train=len(offline.train), valid=len(offline.valid), test=len(offline.test),
                    history_events=len(online.history), live_events=len(online.live), t0=online.t0)
 
-    progress("3/7 Feast: apply feature_repo/, backfill the history, materialize online")
+    progress("3/8 Feast: apply feature_repo/, backfill the history, materialize online")
     print("applied: " + ", ".join(feast_store.apply_repo(cfg)))
     redis_client = redis.Redis.from_url(endpoints.require(REDIS_URL))
     figures.update({f"backfill_{k}": v for k, v in backfill(cfg, redis_client).items()})
 
-    progress(f"4/7 replay the live stream to Kafka `{cfg.kafka.user_events.name}` and ingest it into Feast")
+    progress(f"4/8 replay the live stream to Kafka `{cfg.kafka.user_events.name}` and ingest it into Feast")
     replayed = replay(cfg, bootstrap, speed=None)
     figures.update(replay_published=replayed["published"], replay_events_per_s=replayed["events_per_s"])
     ingestor = open_ingestor(cfg)
@@ -76,7 +78,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     figures.update({f"ingest_{k}": v for k, v in ingested.as_dict().items() if k != "dlq_reasons"})
     figures["ingest_seconds"] = round(time.monotonic() - t, 1)  # group join and 5 s idle wait included
 
-    progress("5/7 read one user's features from the online store (FeatureService recommender_online)")
+    progress("5/8 read one user's features from the online store (FeatureService recommender_online)")
     user = int(online.live["user_id"].iloc[-1])
     store = feast_store.open_store(cfg)
     row = store.get_online_features(features=store.get_feature_service(ONLINE_SERVICE),
@@ -86,7 +88,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
         print(f"  {name:20s} {value[-5:] if isinstance(value, list) else value}")
     figures["sample_user"], figures["sample_user_event_count"] = user, row["event_count"][0]
 
-    progress("6/7 retrain pipeline (kfp.local): feature snapshot -> tokenizer -> train OneRec -> evaluate "
+    progress("6/8 retrain pipeline (kfp.local): feature snapshot -> tokenizer -> train OneRec -> evaluate "
              "against the champion -> register in MLflow")
     retrained = run_local(cfg, "retrain", preset or cfg.preset, list(overrides))
     figures.update({f"retrain_{k}": v for k, v in retrained.items() if k not in ("pipeline", "pipeline_root")})
@@ -96,7 +98,25 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     print(f"  OneRec {cfg.model.arch} on the snapshot's test users: Recall@10 "
           f"{retrained['test_metrics']['test_recall@10']:.4f} NDCG@10 {retrained['test_metrics']['test_ndcg@10']:.4f}")
 
-    progress("7/7 record the run in MLflow")
+    progress("7/8 serve the sample user through the KServe predictor (in process: registry champion, Feast online)")
+    from serving.predictor import OneRecPredictor
+
+    from onerec.exposures import ExposureLog
+
+    exposures = ExposureLog(bootstrap, cfg.kafka.exposures.name)
+    predictor = OneRecPredictor("onerec", cfg, tracking_uri=endpoints.require(MLFLOW_TRACKING_URI),
+                                exposures=exposures)
+    predictor.load()
+    try:
+        (served,) = predictor.predict({"instances": [{"user_id": user, "k": 5}]})["predictions"]
+    finally:
+        predictor.stop()
+    print(f"  user {user}: items {served['items']} (champion v{served['model_version']}, variant "
+          f"{served['variant']}, fallback {served['fallback']})")
+    figures.update(served_items=served["items"], served_model_version=served["model_version"],
+                   served_fallback=served["fallback"], served_exposures_sent=exposures.sent)
+
+    progress("8/8 record the run in MLflow")
     figures["mlflow_run_id"] = _log_to_mlflow(cfg, endpoints.require(MLFLOW_TRACKING_URI), figures)
 
     figures["seconds"] = round(time.monotonic() - started, 1)

@@ -34,6 +34,9 @@ def test_demo_runs_end_to_end_and_reports_figures(tmp_path, capsys):
         assert figures["retrain_version"] == "1" and figures["retrain_beats_champion"]
         assert figures["retrain_aliases"] == {"champion": "1", "challenger": "1"}
         assert 0 <= figures["onerec_test_recall@10"] <= 1 and "onerec_test_ndcg@10" in figures
+        # the predictor served the sample user from the champion, with features from Feast online
+        assert figures["served_model_version"] == "1" and figures["served_fallback"] is None
+        assert len(set(figures["served_items"])) == 5 and figures["served_exposures_sent"] == 1
 
         import mlflow
         run = mlflow.MlflowClient(f"http://127.0.0.1:{cfg.stack.mlflow_port}").get_run(figures["mlflow_run_id"])
