@@ -17,6 +17,7 @@ The OneRec figures are the pipeline's: trained and tested on the feature store's
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable
 
@@ -99,8 +100,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
           f"{retrained['test_metrics']['test_recall@10']:.4f} NDCG@10 {retrained['test_metrics']['test_ndcg@10']:.4f}")
 
     progress("7/8 serve the sample user through the KServe predictor (in process: registry champion, Feast online)")
-    from serving.predictor import OneRecPredictor
-
+    OneRecPredictor = predictor_class()  # noqa: N806 - a class
     from onerec.exposures import ExposureLog
 
     exposures = ExposureLog(bootstrap, cfg.kafka.exposures.name)
@@ -125,6 +125,17 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     print(f"The stack keeps running: MLflow UI at {endpoints.mlflow_tracking_uri}; "
           f"stop it with `onerec stack down --config {cfg.preset}` (or `make stack-down`).")
     return figures
+
+
+def predictor_class():
+    """serving.predictor.OneRecPredictor, imported under a bare sys.argv: KServe parses the command
+    line when first imported, and `onerec demo --config ...` would read as its --configure_logging."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        from serving.predictor import OneRecPredictor
+    finally:
+        sys.argv = argv
+    return OneRecPredictor
 
 
 def _log_to_mlflow(cfg: Config, tracking_uri: str, figures: dict) -> str:

@@ -285,3 +285,17 @@ def test_a_full_buffer_drops_instead_of_blocking():
     assert time.monotonic() - t < 0.5 and dropped >= 7 and log.dropped == dropped
     release.set()
     log.close()
+
+
+def test_the_demo_imports_the_predictor_whatever_its_command_line():
+    """KServe parses sys.argv when first imported; `onerec demo --config small` must survive it."""
+    import subprocess
+    import sys
+
+    from onerec.config import PROJECT_ROOT
+
+    code = ("import sys; sys.argv = ['onerec', 'demo', '--config', 'small']; "
+            "from onerec.demo import predictor_class; print(predictor_class().__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert out.returncode == 0 and out.stdout.strip().endswith("OneRecPredictor"), out.stderr[-2000:]
