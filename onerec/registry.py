@@ -110,29 +110,28 @@ class Registry:
         return cls(MlflowClient(tracking_uri, registry_uri=tracking_uri), name)
 
     # -- reading
-    def _model(self, create: bool = False):
+    def _lookup(self):
+        """The registered model, or None when it does not exist (other failures: RegistryError)."""
         from mlflow.exceptions import MlflowException
 
         try:
             return self.client.get_registered_model(self.name)
         except MlflowException as exc:
-            if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
-                raise RegistryError(f"cannot read registered model '{self.name}': {exc.message}") from None
-            if not create:
-                raise RegistryError(f"no registered model '{self.name}': run the retrain pipeline "
-                                    "(`onerec pipelines run retrain`) to register a first version") from None
+            if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise RegistryError(f"cannot read registered model '{self.name}': {exc.message}") from None
+
+    def _model(self, create: bool = False):
+        found = self._lookup()
+        if found is not None:
+            return found
+        if not create:
+            raise RegistryError(f"no registered model '{self.name}': run the retrain pipeline "
+                                "(`onerec pipelines run retrain`) to register a first version")
         return self.client.create_registered_model(self.name)
 
     def exists(self) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_registered_model(self.name)
-            return True
-        except MlflowException as exc:
-            if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-                return False
-            raise RegistryError(f"cannot read registered model '{self.name}': {exc.message}") from None
+        return self._lookup() is not None
 
     def download(self, version: str, dst: str | Path) -> Path:
         """The version's model directory (weights, hparams, tokenizer) under dst -> its path."""
