@@ -323,12 +323,18 @@ class ServingConfig:
     ab_config: str            # YAML/JSON file of the A/B experiment; '' = everyone gets the champion
     popular_refresh_s: float  # how often the cold-start list is reread from Feast item stats
     reload_poll_s: float      # how often the registry aliases are polled; a moved alias is swapped in
+    max_batch_size: int       # requests batched into one feature lookup + beam search; 1 = no batching
+    max_batch_wait_ms: float  # how long a batch waits for more requests once its first one arrived
+    max_pending: int          # requests waiting beyond this are refused with 503 (load shedding)
 
     def validate(self, key: str) -> None:
         _check(1 <= self.default_k <= self.max_k, f"{key}.default_k", "must be in 1..max_k")
         _check(self.beam_size >= self.max_k, f"{key}.beam_size", "must be >= max_k (the k best items are k beams)")
         _check(self.popular_refresh_s > 0, f"{key}.popular_refresh_s", "must be > 0")
         _check(self.reload_poll_s > 0, f"{key}.reload_poll_s", "must be > 0")
+        _check(self.max_batch_size >= 1, f"{key}.max_batch_size", "must be >= 1 (1 = no batching)")
+        _check(self.max_batch_wait_ms >= 0, f"{key}.max_batch_wait_ms", "must be >= 0")
+        _check(self.max_pending >= 1, f"{key}.max_pending", "must be >= 1")
 
 
 @dataclass(frozen=True)

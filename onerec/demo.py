@@ -17,6 +17,7 @@ The OneRec figures are the pipeline's: trained and tested on the feature store's
 """
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from typing import Callable
@@ -108,7 +109,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
                                 exposures=exposures)
     predictor.load()
     try:
-        (served,) = predictor.predict({"instances": [{"user_id": user, "k": 5}]})["predictions"]
+        (served,) = asyncio.run(predictor.predict({"instances": [{"user_id": user, "k": 5}]}))["predictions"]
     finally:
         predictor.stop()
     print(f"  user {user}: items {served['items']} (champion v{served['model_version']}, variant "

@@ -10,6 +10,7 @@ than K padded with -1 / 0), `model_version`, `variant`, `fallback` BYTES [B] (""
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import tempfile
@@ -19,18 +20,19 @@ from collections.abc import Mapping
 import kserve
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ServerNotReady
 from prometheus_client import Counter, Histogram
 
-from onerec.exposures import ExposureLog
-
+from onerec.batching import MicroBatcher, Overloaded
 from onerec.config import Config
+from onerec.exposures import ExposureLog
 from onerec.serve import ABRouter, FeatureSource, Recommender, RequestError, ServedModel, parse_request
 
 
 REQUEST_SECONDS = Histogram("onerec_serving_request_seconds", "predict() per HTTP request",
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 BAD_REQUESTS = Counter("onerec_serving_bad_requests", "requests refused with 400")
+OVERLOADED = Counter("onerec_serving_overloaded", "requests refused with 503: too many waiting")
 RELOADS = Counter("onerec_serving_reloads", "model swaps after an alias moved, by outcome", ["outcome"])
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class OneRecPredictor(kserve.Model):
         self.model_dirs, self.features, self.exposures = model_dirs, features, exposures
         self.router = ABRouter(cfg.serving.ab_config or None)
         self.recommender: Recommender | None = None
+        self.batcher: MicroBatcher | None = None
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self._tmp = tempfile.TemporaryDirectory(prefix="onerec-serving-")
@@ -63,6 +66,10 @@ class OneRecPredictor(kserve.Model):
             features = FeastFeatures(open_store(self.cfg), models["champion"].item_ids,
                                      self.cfg.serving.popular_refresh_s)
         self.recommender = Recommender(models, features, self.router, self.cfg.serving)
+        if self.batcher is None:
+            s = self.cfg.serving
+            self.batcher = MicroBatcher(self.recommender.recommend, s.max_batch_size, s.max_batch_wait_ms / 1000,
+                                        s.max_pending, name="recommend-batcher")
         if self.model_dirs is None and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="alias-watcher", daemon=True)
             self._watcher.start()
@@ -102,6 +109,8 @@ class OneRecPredictor(kserve.Model):
 
     def stop(self):
         self._stop.set()
+        if self.batcher is not None:
+            self.batcher.close()
         if self.exposures is not None:
             self.exposures.close()
         super().stop()
@@ -123,29 +132,37 @@ class OneRecPredictor(kserve.Model):
             models[alias] = ServedModel.from_dir(folder, current[alias], alias, self.device)
         return models
 
-    def predict(self, payload, headers=None, response_headers=None):
+    async def predict(self, payload, headers=None, response_headers=None):
+        """Concurrent calls are batched (MicroBatcher): the beam search runs on the batcher's thread
+        while the event loop accepts more requests."""
         with REQUEST_SECONDS.time():
             self.router.refresh_every()                   # an edited A/B file applies within a second
             if isinstance(payload, InferRequest):
-                return self._predict_v2(payload)
+                return self._v2_response(payload, await self._recommend(self._v2_rows(payload)))
             if not isinstance(payload, Mapping) or not isinstance(payload.get("instances"), list) \
                     or not payload["instances"]:
                 BAD_REQUESTS.inc()
                 raise InvalidInput('the body must be {"instances": [{"user_id": ...}, ...]} with at least one instance')
-            return {"predictions": [r.as_dict() for r in self._recommend(payload["instances"])]}
+            return {"predictions": [r.as_dict() for r in await self._recommend(payload["instances"])]}
 
-    def _recommend(self, rows) -> list:
+    async def _recommend(self, rows) -> list:
         try:
             requests = [parse_request(row, self.cfg.serving) for row in rows]
         except RequestError as exc:
             BAD_REQUESTS.inc()
             raise InvalidInput(str(exc)) from None
-        recs = self.recommender.recommend(requests)
+        try:
+            pending = self.batcher.submit(requests)
+        except Overloaded as exc:
+            OVERLOADED.inc()
+            raise ServerNotReady(str(exc)) from None      # 503: the client retries (with backoff)
+        recs = await asyncio.wrap_future(pending)
         if self.exposures is not None:
             self.exposures.publish(recs)
         return recs
 
-    def _predict_v2(self, request: InferRequest) -> InferResponse:
+    @staticmethod
+    def _v2_rows(request: InferRequest) -> list[dict]:
         inputs = {i.name: i for i in request.inputs}
         if "user_id" not in inputs or set(inputs) - {"user_id", "k"}:
             raise InvalidInput(f"inputs must be `user_id` INT64 [B] and optionally `k` INT64 [B]; got {sorted(inputs)}")
@@ -153,8 +170,9 @@ class OneRecPredictor(kserve.Model):
         ks = np.asarray(inputs["k"].as_numpy()).reshape(-1) if "k" in inputs else None
         if ks is not None and len(ks) != len(users):
             raise InvalidInput(f"`k` has {len(ks)} values for {len(users)} users")
-        rows = [{"user_id": int(u), **({} if ks is None else {"k": int(ks[i])})} for i, u in enumerate(users)]
-        recs = self._recommend(rows)
+        return [{"user_id": int(u), **({} if ks is None else {"k": int(ks[i])})} for i, u in enumerate(users)]
+
+    def _v2_response(self, request: InferRequest, recs: list) -> InferResponse:
         width = max(len(r.items) for r in recs)
         items = np.full((len(recs), width), -1, dtype=np.int64)
         scores = np.zeros((len(recs), width), dtype=np.float32)

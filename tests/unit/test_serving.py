@@ -2,6 +2,7 @@
 routing, cold users and a failing feature store, malformed requests."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -64,11 +65,16 @@ def predictor(served, ab_config: str = "", **kw):
     return p
 
 
+def ask(p, body):
+    """predict() is a coroutine (KServe awaits it); in process we run it to completion."""
+    return asyncio.run(p.predict(body))
+
+
 def test_v1_request_returns_k_distinct_catalogue_items_with_their_semantic_ids(served):
     cfg, dirs, histories, _, catalogue = served
     p = predictor(served)
     user = next(iter(histories))
-    out = p.predict({"instances": [{"user_id": user, "k": 5, "request_id": "r-1"}]})
+    out = ask(p, {"instances": [{"user_id": user, "k": 5, "request_id": "r-1"}]})
     (rec,) = out["predictions"]
     assert rec["request_id"] == "r-1" and rec["user_id"] == user and rec["fallback"] is None
     assert len(rec["items"]) == len(set(rec["items"])) == 5 and set(rec["items"]) <= catalogue
@@ -87,7 +93,7 @@ def test_v2_infer_request_gives_padded_tensors(served):
     users = np.array(list(histories)[:3] + [10**9], dtype=np.int64)          # the last is unknown
     req = InferRequest("onerec", [InferInput("user_id", [4], "INT64", users),
                                   InferInput("k", [4], "INT64", np.array([3, 4, 5, 2], dtype=np.int64))])
-    res = predictor(served).predict(req)
+    res = ask(predictor(served), req)
     outputs = {o.name: o for o in res.outputs}
     items = outputs["item_ids"].as_numpy()
     assert items.shape == (4, 5)
@@ -97,7 +103,7 @@ def test_v2_infer_request_gives_padded_tensors(served):
 
 def test_cold_user_gets_the_popular_items_flagged(served):
     _, _, _, popular, _ = served
-    (rec,) = predictor(served).predict({"instances": [{"user_id": 10**9, "k": 4}]})["predictions"]
+    (rec,) = ask(predictor(served), {"instances": [{"user_id": 10**9, "k": 4}]})["predictions"]
     assert rec["items"] == popular[:4] and rec["fallback"] == "cold_user"
 
 
@@ -106,7 +112,7 @@ def test_feature_store_down_is_a_flagged_fallback_not_an_error(served):
     features = Features(histories, popular)
     p = predictor(served, features=features)
     features.down = True
-    (rec,) = p.predict({"instances": [{"user_id": next(iter(histories)), "k": 3}]})["predictions"]
+    (rec,) = ask(p, {"instances": [{"user_id": next(iter(histories)), "k": 3}]})["predictions"]
     assert rec["fallback"] == "features_unavailable" and len(rec["items"]) == 3 and set(rec["items"]) <= catalogue
     assert p.recommender.feature_errors >= 1
 
@@ -124,7 +130,47 @@ def test_malformed_requests_are_400_with_what_is_wrong(served, body, message):
     from kserve.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
-        predictor(served).predict(body)
+        ask(predictor(served), body)
+
+
+def test_concurrent_requests_share_one_beam_search_and_get_what_they_would_get_alone(served):
+    """Batching must not change answers: padding shorter histories, mixing k's, or a cold user
+    in the batch leaves every user's items and scores as a lone request would have them."""
+    _, _, histories, _, _ = served
+    p = predictor(served)
+    users = [*list(histories)[:7], 10**9]
+    bodies = [{"instances": [{"user_id": u, "k": 3 + i % 5, "request_id": f"r{i}"}]} for i, u in enumerate(users)]
+    alone = [ask(p, b)["predictions"][0] for b in bodies]
+    calls = []
+    recommend = p.batcher.fn
+    p.batcher.fn = lambda reqs: calls.append(len(reqs)) or recommend(reqs)
+    p.batcher.max_wait_s = 0.05                       # generous: the 8 submits take microseconds
+
+    async def together():
+        return await asyncio.gather(*(p.predict(b) for b in bodies))
+
+    batched = [r["predictions"][0] for r in asyncio.run(together())]
+    assert len(calls) < len(bodies) and sum(calls) == len(bodies)
+    for a, b in zip(alone, batched):
+        assert (a["request_id"], a["items"], a["fallback"]) == (b["request_id"], b["items"], b["fallback"])
+        np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-4, atol=1e-5)
+    p.stop()
+
+
+def test_a_full_queue_is_503_not_a_pile_up(served):
+    from kserve.errors import ServerNotReady
+
+    from onerec.batching import Overloaded
+
+    p = predictor(served)
+
+    class Full:
+        def submit(self, items):
+            raise Overloaded("1024 requests are already waiting; retry later")
+
+    p.batcher = Full()
+    with pytest.raises(ServerNotReady, match="already waiting"):
+        ask(p, {"instances": [{"user_id": 1}]})
 
 
 def test_parse_request_defaults():
@@ -168,13 +214,13 @@ def test_ab_file_change_takes_effect_without_restart_and_a_bad_edit_keeps_the_la
     p = predictor(served, ab_config=str(path))
     _, dirs, histories, _, _ = served
     users = list(histories)[:20]
-    first = p.predict({"instances": [{"user_id": u} for u in users]})["predictions"]
+    first = ask(p, {"instances": [{"user_id": u} for u in users]})["predictions"]
     assert {r["variant"] for r in first} == {"control"}
     path.write_text(json.dumps({"experiment": "e", "variants": [
         {"name": "control", "alias": "champion", "weight": 0}, {"name": "treatment", "alias": "challenger", "weight": 1}]}))
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert p.router.refresh()
-    after = p.predict({"instances": [{"user_id": u} for u in users]})["predictions"]
+    after = ask(p, {"instances": [{"user_id": u} for u in users]})["predictions"]
     assert {(r["variant"], r["model_version"]) for r in after} == {("treatment", dirs["challenger"][1])}
     path.write_text("{not json")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
@@ -236,7 +282,7 @@ def test_every_response_is_logged_as_an_exposure_with_positions(served):
     p = predictor(served)
     p.exposures = log
     users = list(histories)[:3]
-    recs = p.predict({"instances": [{"user_id": u, "k": 4, "request_id": f"r{u}"} for u in users]})["predictions"]
+    recs = ask(p, {"instances": [{"user_id": u, "k": 4, "request_id": f"r{u}"} for u in users]})["predictions"]
     _wait(lambda: len(producer.records) == 3)
     log.close()
     assert log.sent == 3 and log.dropped == 0
@@ -258,7 +304,7 @@ def test_kafka_down_never_fails_a_request_and_counts_the_drops(served):
     p = predictor(served)
     p.exposures = log
     for u in list(histories)[:5]:
-        assert len(p.predict({"instances": [{"user_id": u}]})["predictions"][0]["items"]) == 10
+        assert len(ask(p, {"instances": [{"user_id": u}]})["predictions"][0]["items"]) == 10
     _wait(lambda: log.dropped == 5)
     t = time.monotonic()
     log.close()

@@ -1,0 +1,120 @@
+"""Micro-batching: requests that arrive together run as one call (one feature lookup, one beam
+search per variant), on one worker thread, so the server's event loop stays free to accept more.
+
+    batcher = MicroBatcher(recommender.recommend, max_batch=32, max_wait_s=0.002, max_pending=1024)
+    recs = batcher([req1, req2])                  # blocking, from any thread
+    recs = await asyncio.wrap_future(batcher.submit([req1]))   # from the event loop
+
+The worker takes the oldest waiting job, then keeps adding jobs until the batch holds
+`max_batch` items or `max_wait_s` has passed since it started collecting (a job is never split,
+so one job larger than max_batch runs alone). Under load no waiting is needed: jobs queue up while
+the previous batch runs and the next batch takes them all. More than `max_pending` jobs waiting
+-> `Overloaded` (shed load rather than let latency grow without bound). An exception from the
+batch function fails exactly the jobs of that batch. max_batch=1 turns batching off (one job per
+call, the same thread and queue: the baseline the benchmark compares against).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from prometheus_client import Histogram
+
+BATCH_ITEMS = Histogram("onerec_serving_batch_items", "requests per batched call",
+                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+QUEUE_SECONDS = Histogram("onerec_serving_queue_seconds", "time a job waited for its batch to start",
+                          buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+
+
+class Overloaded(RuntimeError):
+    """Too many jobs waiting: the caller should retry later (HTTP 503)."""
+
+
+@dataclass
+class _Job:
+    items: Sequence
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+_STOP = object()
+
+
+class MicroBatcher:
+    def __init__(self, fn: Callable[[list], list], max_batch: int, max_wait_s: float, max_pending: int,
+                 name: str = "batcher"):
+        if max_batch < 1 or max_wait_s < 0 or max_pending < 1:
+            raise ValueError("max_batch and max_pending must be >= 1 and max_wait_s >= 0")
+        self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
+        self._worker.start()
+
+    def submit(self, items: Sequence) -> Future:
+        """-> a Future of fn's results for these items, in their order."""
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        if not items:
+            done: Future = Future()
+            done.set_result([])
+            return done
+        job = _Job(list(items))
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise Overloaded(f"{self._queue.maxsize} requests are already waiting; retry later") from None
+        return job.future
+
+    def __call__(self, items: Sequence) -> list:
+        return self.submit(items).result()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Finish the jobs already queued, then stop the worker."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+            self._worker.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            jobs, n, stop = [first], len(first.items), False
+            deadline = time.monotonic() + self.max_wait_s
+            while n < self.max_batch:
+                try:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    stop = True
+                    break
+                jobs.append(job)
+                n += len(job.items)
+            self._run_batch(jobs, n)
+            if stop:
+                return
+
+    def _run_batch(self, jobs: list[_Job], n: int) -> None:
+        started = time.monotonic()
+        for job in jobs:
+            QUEUE_SECONDS.observe(started - job.queued_at)
+        BATCH_ITEMS.observe(n)
+        try:
+            results = self.fn([item for job in jobs for item in job.items])
+            if len(results) != n:
+                raise RuntimeError(f"the batch function returned {len(results)} results for {n} items")
+        except BaseException as exc:  # noqa: BLE001 - the callers get the error, the worker lives on
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        start = 0
+        for job in jobs:
+            job.future.set_result(results[start:start + len(job.items)])
+            start += len(job.items)

@@ -1,0 +1,136 @@
+"""MicroBatcher: concurrent jobs share calls, results go back to their own callers, limits hold."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from onerec.batching import MicroBatcher, Overloaded
+
+
+class Recorder:
+    """A batch function that doubles its inputs and remembers every batch; `gate` holds a call."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, items):
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(list(items))
+        if any(i < 0 for i in items):
+            raise ValueError("negative input")
+        return [2 * i for i in items]
+
+
+def submit_while_held(fn: Recorder, batcher: MicroBatcher, jobs: list[list[int]]):
+    """Hold the worker inside a first call, queue `jobs`, release -> (first future, job futures)."""
+    fn.gate.clear()
+    first = batcher.submit([1000])
+    assert fn.entered.wait(5)
+    futures = [batcher.submit(job) for job in jobs]
+    fn.gate.set()
+    return first, futures
+
+
+def test_jobs_queued_during_a_call_run_as_one_batch_and_each_caller_gets_its_own_results():
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.0, max_pending=100)
+    first, futures = submit_while_held(fn, batcher, [[1], [2, 3], [4]])
+    assert first.result(5) == [2000]
+    assert [f.result(5) for f in futures] == [[2], [4, 6], [8]]
+    assert fn.batches == [[1000], [1, 2, 3, 4]]
+    batcher.close()
+
+
+def test_a_batch_stops_growing_at_max_batch_and_never_splits_a_job():
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=3, max_wait_s=0.0, max_pending=100)
+    _, futures = submit_while_held(fn, batcher, [[1, 2], [3, 4], [5], [6, 7, 8, 9]])
+    assert [f.result(5) for f in futures] == [[2, 4], [6, 8], [10], [12, 14, 16, 18]]
+    assert fn.batches[1:] == [[1, 2, 3, 4], [5, 6, 7, 8, 9]]   # 2 + 2 >= 3; a job larger than max runs whole
+    batcher.close()
+
+
+def test_max_batch_one_runs_every_job_alone():
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=1, max_wait_s=0.01, max_pending=100)
+    _, futures = submit_while_held(fn, batcher, [[1], [2], [3]])
+    assert [f.result(5) for f in futures] == [[2], [4], [6]]
+    assert fn.batches[1:] == [[1], [2], [3]]
+    batcher.close()
+
+
+def test_the_wait_gathers_jobs_from_concurrent_threads():
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=8, max_wait_s=0.5, max_pending=100)
+    barrier = threading.Barrier(8)
+
+    def call(i):
+        barrier.wait()
+        return batcher([i])
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(call, range(8))) == [[2 * i] for i in range(8)]
+    assert len(fn.batches) < 8 and sorted(sum(fn.batches, [])) == list(range(8))
+    batcher.close()
+
+
+def test_an_exception_fails_the_jobs_of_its_batch_only_and_the_worker_carries_on():
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.0, max_pending=100)
+    first, (bad, good) = submit_while_held(fn, batcher, [[-1], [5]])
+    assert first.result(5) == [2000]
+    with pytest.raises(ValueError, match="negative"):
+        bad.result(5)
+    with pytest.raises(ValueError, match="negative"):      # batched with the bad job
+        good.result(5)
+    assert batcher([6]) == [12]
+    batcher.close()
+
+
+def test_a_batch_function_returning_the_wrong_number_of_results_is_an_error():
+    batcher = MicroBatcher(lambda items: items[:-1], max_batch=4, max_wait_s=0.0, max_pending=10)
+    with pytest.raises(RuntimeError, match="returned 1 results for 2 items"):
+        batcher([1, 2])
+    batcher.close()
+
+
+def test_more_waiting_jobs_than_max_pending_is_refused_and_the_rest_complete():
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.0, max_pending=2)
+    fn.gate.clear()
+    first = batcher.submit([1])
+    assert fn.entered.wait(5)
+    queued = [batcher.submit([2]), batcher.submit([3])]
+    with pytest.raises(Overloaded, match="2 requests are already waiting"):
+        batcher.submit([4])
+    fn.gate.set()
+    assert first.result(5) == [2] and [f.result(5) for f in queued] == [[4], [6]]
+    batcher.close()
+
+
+def test_close_finishes_queued_jobs_then_refuses_new_ones():
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=1, max_wait_s=0.0, max_pending=10)
+    fn.gate.clear()
+    first = batcher.submit([1])
+    assert fn.entered.wait(5)
+    later = batcher.submit([2])
+    threading.Timer(0.05, fn.gate.set).start()
+    batcher.close()
+    assert first.result(0) == [2] and later.result(0) == [4]
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit([3])
+
+
+def test_empty_jobs_resolve_at_once_and_bad_limits_are_refused():
+    batcher = MicroBatcher(lambda items: items, max_batch=2, max_wait_s=0.0, max_pending=2)
+    assert batcher([]) == []
+    batcher.close()
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher(lambda items: items, max_batch=0, max_wait_s=0.0, max_pending=2)
