@@ -33,7 +33,6 @@ import platform
 import queue
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -59,12 +58,6 @@ CHILD_START_TIMEOUT_S = 120.0
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def quantile_ms(values_s: list[float], q: float) -> float | None:
@@ -388,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = round(os.getloadavg()[0], 2)  # other work on the machine skews every figure
     tmp = Path(tempfile.mkdtemp(prefix="onerec-bench-ingest-"))
     tag = uuid.uuid4().hex[:8]
-    base = [f"stack.state_dir={tmp / 'stack'}",
-            *(f"stack.{p}_port={free_port()}" for p in ("kafka", "redis", "mlflow"))]
+    base = stack.isolated_overrides(tmp / "stack")
     cfg = load_config(args.preset, base)
     os.environ[feast_store.FEAST_DIR_VAR] = str(tmp / "feast")
     stack_started = False

@@ -26,10 +26,27 @@ from typing import Callable
 
 import psutil
 
-from onerec.config import Config, KafkaConfig
+from onerec.config import Config, KafkaConfig, load_config
 from onerec.endpoints import ENV_FILE_NAME, KAFKA_BOOTSTRAP, MLFLOW_TRACKING_URI, REDIS_URL, write_env_file
 
 PARTS = ("kafka", "redis", "mlflow")
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def isolated_overrides(state_dir: str | Path) -> list[str]:
+    """Config overrides for a stack of one's own (a test's, a benchmark's): its state directory and
+    every part on a free port, so it never touches the one `onerec stack up` started."""
+    return [f"stack.state_dir={state_dir}", *(f"stack.{name}_port={free_port()}" for name in PARTS)]
+
+
+def isolated_config(preset: str, state_dir: str | Path, *overrides: str) -> Config:
+    return load_config(preset, [*isolated_overrides(state_dir), *overrides])
 
 
 class StackError(RuntimeError):

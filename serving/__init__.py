@@ -1,3 +1,4 @@
 """KServe predictor (`python -m serving`): a kserve.Model subclass over onerec's library.
 
-Built by the serving part of the platform (see README, "Status"); nothing here yet."""
+predictor.py: OneRecPredictor; __main__.py: the server entry point; process.py: the server as a
+child process (integration tests, benchmarks)."""

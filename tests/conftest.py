@@ -1,24 +1,17 @@
 """Shared test helpers: free loopback ports and debug-preset configs that use them."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from onerec.config import Config, load_config
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from onerec.stack import free_port, isolated_config  # noqa: F401 - free_port: for the tests
 
 
 def stack_config(state_dir, *overrides: str) -> Config:
     """The debug preset on free ports with its own state directory."""
-    ports = [f"stack.{name}_port={free_port()}" for name in ("kafka", "redis", "mlflow")]
-    return load_config("debug", [f"stack.state_dir={state_dir}", *ports, *overrides])
+    return isolated_config("debug", state_dir, *overrides)
 
 
 @pytest.fixture

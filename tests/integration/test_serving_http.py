@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -16,9 +14,9 @@ import torch
 
 from onerec import stack
 from onerec.cli import main
-from onerec.config import PROJECT_ROOT
 from onerec.endpoints import ENV_FILE_NAME, read_env_file
-from tests.conftest import free_port, stack_config
+from serving.process import ServerProcess
+from tests.conftest import stack_config
 
 pytestmark = pytest.mark.integration
 
@@ -91,28 +89,12 @@ def test_http_predictions_come_from_the_registry_champion_and_feast_features(tmp
         backfill(cfg, redis.Redis.from_url(redis_url), progress=False)
         previous, version, catalogue = _register_two_versions(cfg, uri, tmp_path)
 
-        port = free_port()
-        server_log = tmp_path / "server.log"      # a file, not a pipe: an unread pipe fills and stalls the server
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "REDIS_URL": redis_url, "PYTHONPATH": str(PROJECT_ROOT),
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "REDIS_URL": redis_url,
                "KAFKA_BOOTSTRAP": env_file["KAFKA_BOOTSTRAP"]}
-        server = subprocess.Popen(
-            [sys.executable, "-m", "serving", "--model_name", "onerec", "--preset", "debug",
-             "--set", f"stack.state_dir={cfg.stack.state_dir}", "--set", "serving.reload_poll_s=1",
-             "--http_port", str(port),
-             "--grpc_port", str(free_port()), "--enable_grpc", "false"],
-            cwd=PROJECT_ROOT, env=env, stdout=server_log.open("w"), stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server_log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/v1/models/onerec", timeout=2) as resp:
-                    if json.loads(resp.read()).get("ready"):
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            assert time.monotonic() < deadline, "the predictor did not become ready in 120 s"
-            time.sleep(1)
+        server = ServerProcess(["--preset", "debug", "--set", f"stack.state_dir={cfg.stack.state_dir}",
+                                "--set", "serving.reload_poll_s=1"], env, tmp_path / "server.log")
+        server.start()
+        base = server.url
 
         history_user = 1                                  # ml-100k user 1: in the debug slice's history
         status, body = _post(f"{base}/v1/models/onerec:predict",
@@ -121,6 +103,16 @@ def test_http_predictions_come_from_the_registry_champion_and_feast_features(tmp
         (rec,) = body["predictions"]
         assert rec["fallback"] is None and rec["model_version"] == version
         assert len(set(rec["items"])) == 5 and set(rec["items"]) <= catalogue
+
+        # concurrent requests are batched in the server: each still gets its own, unchanged answer
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: _post(f"{base}/v1/models/onerec:predict", {"instances": [
+                {"user_id": history_user, "k": 5, "request_id": f"c-{i}"}]}), range(32)))
+        assert [status for status, _ in answers] == [200] * 32
+        assert all(b["predictions"][0]["items"] == rec["items"] for _, b in answers)
+        assert sorted(b["predictions"][0]["request_id"] for _, b in answers) == sorted(f"c-{i}" for i in range(32))
 
         status, body = _post(f"{base}/v1/models/onerec:predict", {"instances": [{"user_id": 1, "k": 999}]})
         assert status == 400 and "k must be an integer" in json.dumps(body)
@@ -132,11 +124,11 @@ def test_http_predictions_come_from_the_registry_champion_and_feast_features(tmp
         assert outputs["item_ids"]["shape"] == [2, cfg.serving.default_k]
         assert outputs["fallback"]["data"] == ["", "cold_user"]
 
-        # every response went to Kafka `exposures`: the v1 request, then the two v2 users
-        exposures = _consume(env_file["KAFKA_BOOTSTRAP"], cfg.kafka.exposures.name, want=3)
+        # every response went to Kafka `exposures`: the v1 requests (1 + 32), then the two v2 users
+        exposures = _consume(env_file["KAFKA_BOOTSTRAP"], cfg.kafka.exposures.name, want=35)
         first = next(e for e in exposures if e["request_id"] == "http-1")
         assert [i["item_id"] for i in first["items"]] == rec["items"] and first["model_version"] == version
-        assert sorted(e["user_id"] for e in exposures) == sorted([history_user, history_user, 10**9])
+        assert sorted(e["user_id"] for e in exposures) == sorted([history_user] * 34 + [10**9])
 
         # `onerec model rollback` while requests stream: none fails, the previous champion serves
         # new requests within 10 s
@@ -174,10 +166,6 @@ def test_http_predictions_come_from_the_registry_champion_and_feast_features(tmp
         assert all(v == previous for t, _, v, _ in results if t > switched[0])    # no flapping back
     finally:
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-            print((tmp_path / "server.log").read_text()[-4000:])   # the server's log, shown when the test fails
+            server.stop()
+            print(server.tail())                          # the server's log, shown when the test fails
         stack.down(cfg)
