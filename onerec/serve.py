@@ -203,7 +203,9 @@ class ServedModel:
             raise ValueError(f"{directory}: no tokenizer/ beside the weights: not a servable model")
         index = ItemIndex(np.asarray(tok.item_ids, dtype=np.int64))
         codes = ItemCodes.from_tokenizer(tok, index)
-        return cls(model, index.item_ids, codes, codes.trie().to(device), str(version), alias)
+        served = cls(model, index.item_ids, codes, codes.trie().to(device), str(version), alias)
+        served.top_items([np.array([1])], 1, 1)           # warm up (first-call allocations) before traffic
+        return served
 
     def histories(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Raw item ids -> this model's item indices; items it does not know are left out."""

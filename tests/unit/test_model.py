@@ -299,6 +299,31 @@ def test_batched_beam_search_matches_reference(device, arch, n_items, session_le
     assert (sum(masked) > 0) == (session_len > 1)
 
 
+def test_beam_search_runs_in_eval_mode_and_hands_back_the_callers_mode(monkeypatch):
+    """Dropout off inside, the training mode restored after (also when the search fails); an eval
+    model (serving) is never switched, since switching walks every submodule."""
+    import onerec.model.beam as beam_module
+
+    codes = random_codes(8)
+    model = spread_weights(make_model("v2", n_layers=1, d_model=16, extra={"n_items": 8}))
+    batch = model_batch(make_batch(codes, 2, 5, 1))
+    allowed, item_of = brute_force_fns(codes)
+    modes = []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda *a, **kw: modes.append(model.training) or decode(*a, **kw))
+    model.train()
+    generate(model, batch, allowed, item_of, beam_size=3, session_len=1)
+    assert model.training and modes and not any(modes)
+    with pytest.raises(RuntimeError, match="broken trie"):
+        generate(model, batch, lambda p: (_ for _ in ()).throw(RuntimeError("broken trie")), item_of, 3, 1)
+    assert model.training
+    model.eval()
+    switched = []
+    monkeypatch.setattr(type(model), "train", lambda self, mode=True: switched.append(mode) or self)
+    beam_module.topk_next_items(model, batch, allowed, item_of, beam_size=4, k=2)
+    assert not switched and not model.training
+
+
 def test_topk_next_items_are_distinct_valid_and_ranked_by_model_probability():
     codes = random_codes(20, seed=4)
     model = spread_weights(make_model("v2", n_layers=1, d_model=16)).eval()

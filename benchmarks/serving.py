@@ -1,0 +1,267 @@
+"""Serving latency and throughput: the model in process vs the full predictor over HTTP, with and
+without batching, under a bounded closed-loop load at several concurrency levels.
+
+    .venv/bin/python benchmarks/serving.py [--preset small] [--set KEY=VALUE ...] [--model DIR]
+        [--concurrency 1,4,16,32,64] [--seconds 8] [--warmup-s 2] [--k 10] [--json PATH]
+
+Starts its own embedded stack (free loopback ports, a temporary directory; always stopped at the
+end), backfills the Feast online store from the preset's data set, registers the model as the
+`champion` in the stack's MLflow and measures, for each concurrency C (C client threads, each
+sending its next request when the previous answer arrived; users round-robin over the users the
+backfill put online, one user and k items per request):
+
+  (a) the model in process: `ServedModel.top_items` for one user per call, one call at a time
+      (the C callers queue for the one model, as requests do in a server without batching;
+      histories read from Feast once, before timing; no feature lookup, no HTTP);
+  (b) the full predictor over HTTP: `python -m serving` (KServe v1 `:predict`, Feast online lookup,
+      trie-constrained beam search, exposures to Kafka), batching on (the preset's
+      serving.max_batch_size / max_batch_wait_ms);
+  (c) the same server with serving.max_batch_size=1 (no batching).
+
+Per mode and level: QPS, p50/p99 latency (ms) and errors (non-200 answers, wrong item counts,
+connection failures), after --warmup-s seconds. Ratios: (b)/(a) latency (the predictor's
+overhead) at each level, and the batching gain QPS (b)/(c). The target (issue 7): p99 < 50 ms
+with zero errors at the highest concurrency that stays error-free, 2 CPU cores, `small` model.
+The model is `--model DIR` (a saved `onerec train` output, e.g. `.onerec/models/small-v2` after
+`make demo`) or the preset's model with seeded random weights (latency depends on shapes; a
+trained model's beams are the realistic trie traffic). The client threads share the machine with
+the server: their CPU share is printed. Figures last, as one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run as a script
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from onerec import stack  # noqa: E402
+from onerec.cli import emit_figures  # noqa: E402
+from onerec.config import load_config  # noqa: E402
+from onerec.endpoints import ENV_FILE_NAME, read_env_file  # noqa: E402
+from onerec.features import store as feast_store  # noqa: E402
+
+P99_TARGET_MS = 50.0
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def closed_loop(call: Callable[[int, int], bool], users: list[int], concurrency: int, seconds: float,
+                warmup_s: float) -> dict:
+    """`concurrency` threads call `call(thread, user)` back to back for warmup_s + seconds; calls
+    that started after the warm-up count. -> qps, p50_ms, p99_ms, requests, errors."""
+    stop_at = time.monotonic() + warmup_s + seconds
+    count_from = stop_at - seconds
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors = [0] * concurrency
+
+    def worker(t: int) -> None:
+        i = t
+        while (start := time.monotonic()) < stop_at:
+            try:
+                ok = call(t, users[i % len(users)])
+            except Exception:  # noqa: BLE001 - a failed request is an error figure, not a crash
+                ok = False
+            if start >= count_from:
+                latencies[t].append(time.monotonic() - start)
+                errors[t] += not ok
+            i += concurrency
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    flat = np.array(sum(latencies, [])) * 1000
+    return {"qps": round(len(flat) / seconds, 1), "p50_ms": round(float(np.percentile(flat, 50)), 2),
+            "p99_ms": round(float(np.percentile(flat, 99)), 2), "requests": int(len(flat)), "errors": sum(errors)}
+
+
+def http_caller(url: str, model_name: str, k: int, concurrency: int) -> Callable[[int, int], bool]:
+    """One keep-alive connection per client thread; ok = 200 with k items."""
+    host_port = url.removeprefix("http://")
+    conns = [http.client.HTTPConnection(host_port, timeout=30) for _ in range(concurrency)]
+    path = f"/v1/models/{model_name}:predict"
+
+    def call(t: int, user: int) -> bool:
+        body = json.dumps({"instances": [{"user_id": user, "k": k}]})
+        try:
+            conns[t].request("POST", path, body, {"Content-Type": "application/json"})
+            resp = conns[t].getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException):
+            conns[t].close()                              # reconnect on the next call
+            raise
+        return resp.status == 200 and len(json.loads(data)["predictions"][0]["items"]) == k
+
+    return call
+
+
+def register_champion(uri: str, model_name: str, folder: Path) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from onerec.registry import Registry
+
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("serving-benchmark")).info.run_id
+    client.log_artifacts(run, str(folder), "model")
+    reg = Registry.connect(uri, model_name)
+    version = reg.register(run, "model")
+    reg.move({"champion": version}, action="register-alias", reason="serving benchmark", who="benchmark")
+    return version
+
+
+def model_folder(cfg, model: Path | None, out: Path) -> Path:
+    """--model, or the preset's model with seeded random weights and a tokenizer fitted on the
+    train split (saved, as the registry serves it)."""
+    if model is not None:
+        return model
+    from onerec.eval.baselines import offline_data
+    from onerec.model.data import catalogue_model, fit_tokenizer
+    from onerec.model.train import save_model
+
+    data = offline_data(cfg.data)
+    tok = fit_tokenizer(data.split.train, data.dataset.items, cfg.tokenizer, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return save_model(catalogue_model(cfg.model, tok, data.index, data.dataset.items), out, tokenizer=tok)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--model", type=Path, help="a saved `onerec train` output (default: random init)")
+    parser.add_argument("--concurrency", default="1,4,16,32,64", help="comma-separated client thread counts")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per mode and level")
+    parser.add_argument("--warmup-s", type=float, default=2.0)
+    parser.add_argument("--k", type=int, default=10, help="items per request")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    levels = sorted({int(c) for c in args.concurrency.split(",")})
+    if not levels or levels[0] < 1:
+        parser.error("--concurrency: positive integers, e.g. 1,4,16")
+
+    def on_term(*_):
+        raise SystemExit(143)  # unwinds through the finally below: the stack is always stopped
+    signal.signal(signal.SIGTERM, on_term)
+
+    load_start = round(os.getloadavg()[0], 2)
+    tmp = Path(tempfile.mkdtemp(prefix="onerec-bench-serving-"))
+    base = stack.isolated_overrides(tmp / "stack")
+    cfg = load_config(args.preset, [*base, *args.overrides])
+    if not 1 <= args.k <= cfg.serving.max_k:
+        parser.error(f"--k must be in 1..serving.max_k ({cfg.serving.max_k})")
+    os.environ[feast_store.FEAST_DIR_VAR] = str(tmp / "feast")
+    results: dict[str, dict[int, dict]] = {"in_process": {}, "http_batched": {}, "http_unbatched": {}}
+    cpu_share: dict[str, float] = {}
+    try:
+        import redis
+
+        from onerec.features.backfill import backfill
+        from onerec.serve import FeastFeatures, ServedModel
+        from serving.process import ServerProcess
+
+        log(f"starting the embedded stack in {tmp}")
+        stack.up(cfg)
+        env_file = read_env_file(Path(cfg.stack.state_dir) / ENV_FILE_NAME)
+        feast_store.apply_repo(cfg)
+        log("backfilling the feature store (offline + online)")
+        backfilled = backfill(cfg, redis.Redis.from_url(env_file["REDIS_URL"]), progress=False)
+        folder = model_folder(cfg, args.model, tmp / "model")
+        version = register_champion(env_file["MLFLOW_TRACKING_URI"], cfg.registry.model_name, folder)
+
+        served = ServedModel.from_dir(folder, version, "champion")
+        features = FeastFeatures(feast_store.open_store(cfg), served.item_ids, cfg.serving.popular_refresh_s)
+        from onerec.data import load_dataset, time_split
+
+        history = time_split(load_dataset(cfg.data).interactions, cfg.data.live_fraction).history
+        candidates = sorted(int(u) for u in history["user_id"].unique())
+        known = served.histories(features.histories(candidates))
+        users = [u for u, h in zip(candidates, known) if len(h)]      # warm users: the beam-search path
+        by_user = dict(zip(candidates, known))
+        log(f"{len(users)} users online; model v{version} ({served.model.arch}, {len(served.item_ids)} items)")
+
+        model_lock = threading.Lock()     # C threads in torch at once oversubscribe the cores
+
+        def in_process(t: int, user: int) -> bool:
+            with model_lock:
+                items, _ = served.top_items([by_user[user]], args.k, cfg.serving.beam_size)
+            return items.shape == (1, args.k)
+
+        for c in levels:
+            results["in_process"][c] = closed_loop(in_process, users, c, args.seconds, args.warmup_s)
+            log(f"(a) in process  C={c:<3} {results['in_process'][c]}")
+        del served
+
+        server_args = ["--preset", args.preset, *(f"--set={o}" for o in [*base, *args.overrides])]
+        for mode, extra in (("http_batched", []), ("http_unbatched", ["--set=serving.max_batch_size=1"])):
+            with ServerProcess([*server_args, *extra], dict(os.environ), tmp / f"{mode}.log",
+                               model_name=cfg.registry.model_name) as server:
+                cpu0, wall0 = time.process_time(), time.monotonic()
+                for c in levels:
+                    call = http_caller(server.url, cfg.registry.model_name, args.k, c)
+                    results[mode][c] = closed_loop(call, users, c, args.seconds, args.warmup_s)
+                    log(f"({'b' if mode == 'http_batched' else 'c'}) {mode:<15} C={c:<3} {results[mode][c]}")
+                cpu_share[mode] = round((time.process_time() - cpu0) / (time.monotonic() - wall0), 2)
+    finally:
+        stack.down(cfg)
+
+    figures = {"benchmark": "serving", "preset": cfg.preset, "dataset": cfg.data.dataset,
+               "model": str(args.model) if args.model else "random init (seeded)", "k": args.k,
+               "beam_size": cfg.serving.beam_size, "max_batch_size": cfg.serving.max_batch_size,
+               "max_batch_wait_ms": cfg.serving.max_batch_wait_ms, "seconds_per_level": args.seconds,
+               "users": len(users), "backfilled_users": backfilled["users"], "concurrency": levels}
+    for mode, by_level in results.items():
+        for c, row in by_level.items():
+            figures.update({f"{mode}_c{c}_{key}": value for key, value in row.items()})
+    for c in levels:
+        a, b, u = results["in_process"][c], results["http_batched"][c], results["http_unbatched"][c]
+        figures[f"overhead_p50_c{c}"] = round(b["p50_ms"] / a["p50_ms"], 2)
+        figures[f"batching_qps_gain_c{c}"] = round(b["qps"] / u["qps"], 2)
+    clean = [c for c in levels if results["http_batched"][c]["errors"] == 0]
+    top = max(clean) if clean else None
+    within = [c for c in clean if results["http_batched"][c]["p99_ms"] < P99_TARGET_MS]
+    figures.update(highest_error_free_concurrency=top,
+                   p99_ms_at_highest_error_free=results["http_batched"][top]["p99_ms"] if top else None,
+                   meets_p99_target=bool(top and results["http_batched"][top]["p99_ms"] < P99_TARGET_MS),
+                   highest_concurrency_p99_under_target=max(within) if within else None,
+                   client_cpu_share_batched=cpu_share.get("http_batched"),
+                   client_cpu_share_unbatched=cpu_share.get("http_unbatched"),
+                   torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), loadavg_1m_start=load_start,
+                   loadavg_1m_end=round(os.getloadavg()[0], 2), torch=torch.__version__,
+                   python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+
+    print(f"\nServing ({cfg.preset}, {cfg.data.dataset}, {figures['model']}, k {args.k}, beam "
+          f"{cfg.serving.beam_size}, batch <= {cfg.serving.max_batch_size}, wait {cfg.serving.max_batch_wait_ms} ms)")
+    print(f"  {'C':>4} | {'(a) in process':>26} | {'(b) HTTP, batched':>26} | {'(c) HTTP, unbatched':>26} | "
+          f"(b)/(a) p50 | (b)/(c) QPS")
+    for c in levels:
+        cells = [f"{r['qps']:>7,.0f} qps {r['p50_ms']:>5.1f}/{r['p99_ms']:>6.1f} ms" +
+                 (f" {r['errors']} err" if r["errors"] else "")
+                 for r in (results[m][c] for m in ("in_process", "http_batched", "http_unbatched"))]
+        print(f"  {c:>4} | {cells[0]:>26} | {cells[1]:>26} | {cells[2]:>26} | "
+              f"{figures[f'overhead_p50_c{c}']:>10}x | {figures[f'batching_qps_gain_c{c}']:>10}x")
+    print(f"  (latency p50/p99) highest error-free concurrency {top}: p99 "
+          f"{figures['p99_ms_at_highest_error_free']} ms (target < {P99_TARGET_MS:.0f} ms: "
+          f"{'met' if figures['meets_p99_target'] else 'not met'}); p99 under target up to C="
+          f"{figures['highest_concurrency_p99_under_target']}")
+    emit_figures(figures, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
