@@ -60,28 +60,38 @@ def generate(model: GenerativeRecommender, context_batch: Mapping[str, torch.Ten
     if not 1 <= topk <= beam_size:
         raise ValueError(f"topk={topk} must be in 1..beam_size={beam_size}")
     with eval_mode(model):
-        return _generate(model, context_batch, allowed_fn, item_of_fn, beam_size, session_len, topk)
+        memory = model.encode(_context_only(context_batch))
+        items, scores, _ = _generate(model, memory, allowed_fn, item_of_fn, beam_size, session_len, topk)
+    return items, scores
 
 
-def _generate(model, context_batch, allowed_fn, item_of_fn, beam_size, session_len, topk):
+def _generate(model: GenerativeRecommender, memory, allowed_fn: AllowedFn, item_of_fn: ItemOfFn, beam_size: int,
+              session_len: int, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`generate` on encoded contexts (B rows) -> items, scores and h_bos (B, D): the decoder's
+    state at BOS, which the dense head reads too."""
     n_levels, w = model.n_levels, beam_size
-    memory = model.encode(_context_only(context_batch))
     b = memory.key_mask.shape[0]
     device = memory.key_mask.device
-    memory = memory.select(torch.arange(b, device=device).repeat_interleave(w))  # (B*W, ...)
+    fan = torch.arange(b, device=device).repeat_interleave(w)                 # (B*W,) each beam's user
     cache = KVCache(model.n_layers)
+    # every beam starts at BOS: decode it once per user, then fan the state out to the W beams
+    bos = torch.full((b, 1), model.emb.bos_id, dtype=torch.long, device=device)
+    h_bos = model.decode(bos, memory, cache)[0][:, -1]                        # (B, D)
+    cache.reorder(fan)
+    memory = memory.select(fan)                                               # (B*W, ...)
+    h = h_bos.index_select(0, fan)                                            # (B*W, D)
     scores = torch.full((b, w), float("-inf"), device=device)                 # (B, W)
     scores[:, 0] = 0.0                                                        # one live beam to start
     tokens = torch.zeros(b * w, 0, dtype=torch.long, device=device)           # (B*W, t) so far
     items = torch.zeros(b * w, 0, dtype=torch.long, device=device)            # (B*W, m) completed
-    ids = torch.full((b * w, 1), model.emb.bos_id, dtype=torch.long, device=device)
     beam_base = (torch.arange(b, device=device) * w)[:, None]                 # (B, 1)
 
     for step in range(session_len * n_levels):
         level = step % n_levels
         k_l = model.codebook_sizes[level]
-        h, _ = model.decode(ids, memory, cache)                               # (B*W, 1, D)
-        logp = model.logits(h[:, -1], level).float().log_softmax(dim=-1)      # (B*W, K_l)
+        if step:
+            h = model.decode(ids, memory, cache)[0][:, -1]                    # (B*W, D)
+        logp = model.logits(h, level).float().log_softmax(dim=-1)             # (B*W, K_l)
         prefix = tokens[:, tokens.shape[1] - level:]                          # (B*W, l) current item
         ok = allowed_fn(prefix).to(device)                                    # (B*W, K_l)
         if level == n_levels - 1 and items.shape[1] > 0:
@@ -99,7 +109,7 @@ def _generate(model, context_batch, allowed_fn, item_of_fn, beam_size, session_l
 
     items = items.view(b, w, session_len)
     items = torch.where(torch.isfinite(scores)[..., None], items, torch.full_like(items, -1))
-    return items[:, :topk], scores[:, :topk]
+    return items[:, :topk], scores[:, :topk], h_bos
 
 
 def _completes_seen_item(prefix: torch.Tensor, ok: torch.Tensor, items: torch.Tensor,
@@ -125,19 +135,22 @@ def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Te
     are the beam's beam_size items and the head's top beam_size; each is scored by its exact
     log-prob under the decoder + dense_score_weight x the head's log-softmax over the catalogue,
     and the best k of those sums are returned. Every candidate is a catalogue item either way."""
+    if not 1 <= k <= beam_size:
+        raise ValueError(f"k={k} must be in 1..beam_size={beam_size}")
     weight = model.cfg.dense_score_weight if model.dense is not None else 0.0
-    items, scores = generate(model, context, allowed_fn, item_of_fn, beam_size, session_len=1,
-                             topk=beam_size if weight else k)
-    if not weight:
-        return items[:, :, 0], scores
     with eval_mode(model):
-        memory = model.encode(_context_only(context))
-        dense = model.item_logits(model.bos_state(memory)).log_softmax(-1)    # (B, N) fp32
-        cand = torch.cat([items[:, :, 0], dense.topk(min(beam_size, dense.shape[1]), dim=1).indices], 1)
-        c = cand.shape[1]                                                     # (B, C) rows, -1 = none
-        earlier = torch.ones(c, c, dtype=torch.bool, device=cand.device).tril(-1)  # (C, C) j < i
-        repeat = ((cand[:, :, None] == cand[:, None, :]) & earlier).any(-1)   # (B, C) listed before
-        gen = _item_logp(model, memory, model.item_codes[cand.clamp(min=0) + 1])  # (B, C)
+        memory = model.encode(_context_only(context))                         # once, for both scores
+        items, scores, h_bos = _generate(model, memory, allowed_fn, item_of_fn, beam_size, 1, beam_size)
+        if not weight:
+            return items[:, :k, 0], scores[:, :k]
+        dense = model.item_logits(h_bos).log_softmax(-1)                      # (B, N) fp32
+        by_dense = dense.topk(min(beam_size, dense.shape[1]), dim=1).indices  # (B, W') rows
+        # a beam item's score is already its exact log-prob; only the head's picks need decoding
+        gen = torch.cat([scores, _item_logp(model, memory, model.item_codes[by_dense + 1])], 1)  # (B, C)
+    cand = torch.cat([items[:, :, 0], by_dense], 1)                           # (B, C) rows, -1 = none
+    c = cand.shape[1]
+    earlier = torch.ones(c, c, dtype=torch.bool, device=cand.device).tril(-1)  # (C, C) j < i
+    repeat = ((cand[:, :, None] == cand[:, None, :]) & earlier).any(-1)       # (B, C) listed before
     fused = gen + weight * dense.gather(1, cand.clamp(min=0))
     fused = fused.masked_fill(repeat | (cand < 0), float("-inf"))
     fused, order = fused.topk(k, dim=1)                                       # (B, k) best first

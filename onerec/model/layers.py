@@ -227,8 +227,10 @@ class MoE(nn.Module):
         gate = (gate / gate.sum(dim=-1, keepdim=True)).to(x.dtype)
         if self.reference:
             out, aux = self._reference(flat, probs, gate, expert)
-        else:
+        elif self.training or torch.is_grad_enabled():
             out, aux = self._dispatch(flat, gate, expert), self._balance_loss(probs, expert)
+        else:                                     # inference: the balance loss trains nothing
+            out, aux = self._dispatch(flat, gate, expert), probs.new_zeros(())
         return self.drop(out).view(shape), aux
 
     def _balance_loss(self, probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:

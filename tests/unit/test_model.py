@@ -166,6 +166,21 @@ def test_moe_dispatch_matches_reference_loop(top_k, activation):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
+def test_moe_skips_the_balance_loss_only_for_pure_inference():
+    """eval + no_grad (serving): same output, aux 0; in training or with grad it is computed."""
+    torch.manual_seed(0)
+    moe = MoE(8, 16, 4, 2)
+    x = torch.randn(2, 6, 8)
+    out, aux = moe(x)
+    assert aux.item() > 0
+    moe.eval()
+    with torch.no_grad():
+        served, served_aux = moe(x)
+    torch.testing.assert_close(served, out.detach())
+    assert served_aux.item() == 0
+    assert moe(x)[1].item() == pytest.approx(aux.item())                          # eval with grad: kept
+
+
 def test_moe_balance_loss_is_one_when_uniform():
     moe = MoE(8, 16, 4, 1)
     with torch.no_grad():
