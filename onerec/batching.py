@@ -5,10 +5,12 @@ search per variant), on one worker thread, so the server's event loop stays free
     recs = batcher([req1, req2])                  # blocking, from any thread
     recs = await asyncio.wrap_future(batcher.submit([req1]))   # from the event loop
 
-The worker takes the oldest waiting job, then keeps adding jobs until the batch holds
-`max_batch` items or `max_wait_s` has passed since it started collecting (a job is never split,
-so one job larger than max_batch runs alone). Under load no waiting is needed: jobs queue up while
-the previous batch runs and the next batch takes them all. More than `max_pending` jobs waiting
+The worker takes the oldest waiting job, then adds every job already waiting, up to `max_batch`
+items (a job is never split, so one job larger than max_batch runs alone): under load, jobs queue
+up while the previous batch runs and the next batch takes them all. When the previous batch held
+more than one job (callers are concurrent), it also waits up to `max_wait_s` for more: callers
+just answered come back within a few ms, and without the wait C callers settle into alternating
+half-size batches, each waiting for the other. A lone caller never waits. More than `max_pending` jobs waiting
 -> `Overloaded` (shed load rather than let latency grow without bound). An exception from the
 batch function fails exactly the jobs of that batch. max_batch=1 turns batching off (one job per
 call, the same thread and queue: the baseline the benchmark compares against).
@@ -52,6 +54,7 @@ class MicroBatcher:
         self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._closed = False
+        self._last_jobs = 1                   # jobs in the previous batch
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
@@ -80,13 +83,17 @@ class MicroBatcher:
             self._queue.put(_STOP)
             self._worker.join(timeout_s)
 
+    def wait_s(self) -> float:
+        """How long the next batch may wait for more jobs: max_wait_s after a batch of several."""
+        return self.max_wait_s if self._last_jobs > 1 else 0.0
+
     def _run(self) -> None:
         while True:
             first = self._queue.get()
             if first is _STOP:
                 return
             jobs, n, stop = [first], len(first.items), False
-            deadline = time.monotonic() + self.max_wait_s
+            deadline = time.monotonic() + self.wait_s()
             while n < self.max_batch:
                 try:
                     job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -98,6 +105,7 @@ class MicroBatcher:
                 jobs.append(job)
                 n += len(job.items)
             self._run_batch(jobs, n)
+            self._last_jobs = len(jobs)
             if stop:
                 return
 

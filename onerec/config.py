@@ -324,7 +324,7 @@ class ServingConfig:
     popular_refresh_s: float  # how often the cold-start list is reread from Feast item stats
     reload_poll_s: float      # how often the registry aliases are polled; a moved alias is swapped in
     max_batch_size: int       # requests batched into one feature lookup + beam search; 1 = no batching
-    max_batch_wait_ms: float  # how long a batch waits for more requests once its first one arrived
+    max_batch_wait_ms: float  # after a batch of several requests, how long the next waits for more
     max_pending: int          # requests waiting beyond this are refused with 503 (load shedding)
 
     def validate(self, key: str) -> None:

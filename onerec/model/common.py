@@ -319,12 +319,26 @@ class GenerativeRecommender(nn.Module):
         if self.dense is None:
             raise ValueError("the model has no dense head (model.dense_loss_weight = 0)")
         self._check_item_tables()
-        items = torch.arange(1, self.item_codes.shape[0], device=h.device)    # (N,)
         # fp32 even under bf16 autocast: with dense_score_weight ~10, bf16's logit steps (~0.06
         # near 16) would reorder the ranking
         with torch.autocast(h.device.type, enabled=False):
-            vectors = self.emb.items(self.item_codes[1:]) + self.context.item_vectors(items)  # (N, D)
-            return self.dense(h.float()) @ vectors.float().T
+            return self.dense(h.float()) @ self.catalogue_vectors().T
+
+    def catalogue_vectors(self) -> torch.Tensor:
+        """(N, D) fp32 item vectors: level embeddings of each item's code + its per-item vector.
+        Without autograd (serving, evaluation) they are computed once per version of the weights
+        they read (tensor versions change with every optimizer step or load) and then reused."""
+        if torch.is_grad_enabled():
+            return self._catalogue_vectors()
+        sources = [*self.emb.parameters(), *self.context.parameters(), *self.context.buffers(), self.item_codes]
+        key = tuple((id(t), t._version) for t in sources)
+        if getattr(self, "_vectors_key", None) != key:
+            self._vectors, self._vectors_key = self._catalogue_vectors(), key
+        return self._vectors
+
+    def _catalogue_vectors(self) -> torch.Tensor:
+        items = torch.arange(1, self.item_codes.shape[0], device=self.item_codes.device)    # (N,)
+        return (self.emb.items(self.item_codes[1:]) + self.context.item_vectors(items)).float()
 
     # -- interface for subclasses
     def encode(self, batch: Mapping[str, torch.Tensor]) -> Memory:

@@ -30,6 +30,7 @@ class Recorder:
 def submit_while_held(fn: Recorder, batcher: MicroBatcher, jobs: list[list[int]]):
     """Hold the worker inside a first call, queue `jobs`, release -> (first future, job futures)."""
     fn.gate.clear()
+    fn.entered.clear()
     first = batcher.submit([1000])
     assert fn.entered.wait(5)
     futures = [batcher.submit(job) for job in jobs]
@@ -134,3 +135,14 @@ def test_empty_jobs_resolve_at_once_and_bad_limits_are_refused():
     batcher.close()
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(lambda items: items, max_batch=0, max_wait_s=0.0, max_pending=2)
+
+
+def test_only_a_batch_of_several_jobs_makes_the_next_one_wait():
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.25, max_pending=100)
+    assert batcher([1]) == [2] and batcher.wait_s() == 0.0             # a lone caller: no wait
+    _, futures = submit_while_held(fn, batcher, [[2], [3]])
+    [f.result(5) for f in futures]
+    assert fn.batches[-1] == [2, 3] and batcher.wait_s() == 0.25      # concurrent callers: wait
+    assert batcher([4]) == [8] and batcher.wait_s() == 0.0
+    batcher.close()

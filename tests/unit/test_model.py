@@ -377,6 +377,20 @@ def dense_model(arch: str = "v2", n_items: int = 12, attributes: bool = True, sc
     return model, codes
 
 
+def test_catalogue_vectors_are_reused_at_inference_until_a_weight_changes():
+    model, _ = dense_model()
+    with torch.no_grad():
+        first = model.catalogue_vectors()
+        assert model.catalogue_vectors() is first                                # reused
+        torch.testing.assert_close(first, model._catalogue_vectors())
+        model.context.item.weight.add_(1.0)                                      # e.g. an optimizer step
+        second = model.catalogue_vectors()
+    assert second is not first
+    torch.testing.assert_close(second, first + 1.0)
+    fresh = model.catalogue_vectors()                                            # with autograd: never cached
+    assert fresh.requires_grad and fresh is not second
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch,attributes", [("v1", False), ("v2", True), ("v1", True)])
 def test_dense_rerank_matches_the_reference_and_changes_the_ranking(device, arch, attributes):
