@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
 
         served = ServedModel.from_dir(folder, version, "champion")
         features = FeastFeatures(feast_store.open_store(cfg), served.item_ids, cfg.serving.popular_refresh_s)
-        from onerec.data import load_dataset, time_split
+        from onerec.data import load_dataset, online_split
 
-        history = time_split(load_dataset(cfg.data).interactions, cfg.data.live_fraction).history
+        history = online_split(load_dataset(cfg.data).interactions, cfg.data).history
         candidates = sorted(int(u) for u in history["user_id"].unique())
         known = served.histories(features.histories(candidates))
         users = [u for u, h in zip(candidates, known) if len(h)]      # warm users: the beam-search path
@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         for c in levels:
             results["in_process"][c] = closed_loop(in_process, users, c, args.seconds, args.warmup_s)
             log(f"(a) in process  C={c:<3} {results['in_process'][c]}")
-        del served
 
         server_args = ["--preset", args.preset, *(f"--set={o}" for o in [*base, *args.overrides])]
         for mode, extra in (("http_batched", []), ("http_unbatched", ["--set=serving.max_batch_size=1"])):

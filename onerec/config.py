@@ -39,7 +39,8 @@ class DataConfig:
     root: str                 # folder holding the data sets; relative paths are from the project root
     dataset: str              # ml-100k | amazon-beauty | generic
     path: str                 # generic format only: CSV or parquet file (relative to root); '' otherwise
-    live_fraction: float      # share of events (by time) after T0, replayed as the live stream
+    live_fraction: float      # share of events (by time) from T0 to T1, replayed as the live stream
+    holdout_fraction: float   # share of the latest events (from T1) held out of replay and training
     max_users: int            # 0 = all users; >0 keeps the first N users (debug slices)
 
     def validate(self, key: str) -> None:
@@ -48,6 +49,8 @@ class DataConfig:
         _check(self.dataset != "generic" or bool(self.path), f"{key}.path",
                "the generic format needs a CSV or parquet file path")
         _check(0.0 < self.live_fraction < 1.0, f"{key}.live_fraction", "must be between 0 and 1")
+        _check(0.0 <= self.holdout_fraction < 1.0 - self.live_fraction, f"{key}.holdout_fraction",
+               "must be >= 0 and leave history beside live_fraction")
         _check(self.max_users >= 0, f"{key}.max_users", "must be >= 0 (0 = all users)")
 
     def root_path(self) -> Path:

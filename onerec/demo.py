@@ -27,7 +27,7 @@ import yaml
 
 from onerec import stack
 from onerec.config import Config, to_dict
-from onerec.data import describe, format_table, leave_last_out, load_dataset, time_split
+from onerec.data import describe, format_table, leave_last_out, load_dataset, online_split
 from onerec.endpoints import KAFKA_BOOTSTRAP, MLFLOW_TRACKING_URI, REDIS_URL, resolve_endpoints
 from onerec.features import store as feast_store
 from onerec.features.backfill import backfill
@@ -61,7 +61,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     stats = describe(dataset)
     print(format_table(stats))
     offline = leave_last_out(dataset.interactions)
-    online = time_split(dataset.interactions, cfg.data.live_fraction)
+    online = online_split(dataset.interactions, cfg.data)
     figures.update(users=stats["users"], items=stats["items"], interactions=stats["interactions"],
                    train=len(offline.train), valid=len(offline.valid), test=len(offline.test),
                    history_events=len(online.history), live_events=len(online.live), t0=online.t0)

@@ -96,6 +96,24 @@ def coverage(topk_items: torch.Tensor | np.ndarray, n_items: int) -> float:
     return len(np.unique(np.asarray(topk_items))) / n_items
 
 
+def binary_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
+    """ROC AUC: the chance a random positive scores above a random negative (ties count half),
+    by the Mann-Whitney rank sum. Needs both classes."""
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if len(scores) != len(labels) or not n_pos or not n_neg:
+        raise ValueError(f"binary_auc needs scores and labels of one length with both classes "
+                         f"({n_pos} positives, {n_neg} negatives)")
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks (1-based) over tied scores
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(scores)]
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def evaluate(score_fn: Callable[..., torch.Tensor], users: Sequence | None,
              histories: Sequence[Sequence[int]], targets: Sequence[int], n_items: int, *,
              ks: Sequence[int] = (5, 10), batch_size: int = 1024, exclude_history: bool = False) -> dict:

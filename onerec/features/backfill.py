@@ -12,7 +12,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from onerec.config import Config
-from onerec.data import load_dataset, time_split
+from onerec.data import load_dataset, online_split
 from onerec.features import store as feast_store
 from onerec.features.schema import VIEWS
 from onerec.features.state import FeatureState
@@ -23,7 +23,7 @@ BATCH = 5000  # events per state update; each batch leaves one snapshot row per 
 
 def backfill(cfg: Config, redis_client, progress: bool = True) -> dict:
     dataset = load_dataset(cfg.data)
-    history = time_split(dataset.interactions, cfg.data.live_fraction).history
+    history = online_split(dataset.interactions, cfg.data).history
     history = history.sort_values("timestamp", kind="stable")  # event-time order, per-user order kept
     state, events = FeatureState(redis_client, cfg.features), list(interaction_events(history, dataset.name))
     applied, rows_written = 0, 0

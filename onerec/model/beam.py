@@ -79,7 +79,8 @@ def _generate(model: GenerativeRecommender, memory, allowed_fn: AllowedFn, item_
     h_bos = model.decode(bos, memory, cache)[0][:, -1]                        # (B, D)
     cache.reorder(fan)
     memory = memory.select(fan)                                               # (B*W, ...)
-    h = h_bos.index_select(0, fan)                                            # (B*W, D)
+    h = h_bos.index_select(0, fan)                                            # (B*W, D) step 0's state
+    ids = bos                                                                 # each step's input tokens
     scores = torch.full((b, w), float("-inf"), device=device)                 # (B, W)
     scores[:, 0] = 0.0                                                        # one live beam to start
     tokens = torch.zeros(b * w, 0, dtype=torch.long, device=device)           # (B*W, t) so far

@@ -84,10 +84,10 @@ def paced(events: Iterable[UserEvent], speed: float | None) -> Iterator[UserEven
 
 def replay(cfg, bootstrap: str, speed: float | None, limit: int | None = None, progress: bool = True) -> dict:
     """Publish the data set's live part (events from T0 on) in event-time order."""
-    from onerec.data import load_dataset, time_split
+    from onerec.data import load_dataset, online_split
 
     dataset = load_dataset(cfg.data)
-    live = time_split(dataset.interactions, cfg.data.live_fraction).live
+    live = online_split(dataset.interactions, cfg.data).live
     live = live if limit is None else live.iloc[:limit]
     started = time.monotonic()
     sent = publish(paced(interaction_events(live, dataset.name), speed), bootstrap,

@@ -83,10 +83,10 @@ def _check_point_in_time(cfg, out) -> None:
     import numpy as np
     import pandas as pd
 
-    from onerec.data import load_dataset, time_split
+    from onerec.data import load_dataset, online_split
     from onerec.retrain import SNAPSHOT_USERS, snapshot_features
 
-    history = time_split(load_dataset(cfg.data).interactions, cfg.data.live_fraction).history
+    history = online_split(load_dataset(cfg.data).interactions, cfg.data).history
     t = int(history["timestamp"].quantile(0.5))
     meta = snapshot_features(cfg, out, as_of=pd.Timestamp(t, unit="s", tz="UTC").isoformat())
     users = pd.read_parquet(out / SNAPSHOT_USERS).dropna(subset=["seq_item_ids"])

@@ -17,7 +17,7 @@ import redis
 
 from onerec import stack
 from onerec.config import load_config
-from onerec.data import load_dataset, time_split
+from onerec.data import load_dataset, online_split
 from onerec.data.events import UserEvent
 from onerec.endpoints import read_env_file
 from onerec.features import store as feast_store
@@ -89,7 +89,7 @@ def assert_online_equals_oracle(cfg, events: list[UserEvent]) -> None:
 def real_events(cfg) -> tuple[list[UserEvent], list[UserEvent]]:
     """(history, live) of the debug slice of MovieLens, in the order each path sends them."""
     ds = load_dataset(cfg.data)
-    split = time_split(ds.interactions, cfg.data.live_fraction)
+    split = online_split(ds.interactions, cfg.data)
     history = split.history.sort_values("timestamp", kind="stable")
     return list(interaction_events(history, ds.name)), list(interaction_events(split.live, ds.name))
 

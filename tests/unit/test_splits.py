@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import data_root
-from onerec.data import DataError, leave_last_out, load_amazon_beauty, load_movielens_100k, time_split
+from onerec.data import DataError, leave_last_out, load_amazon_beauty, load_movielens_100k, online_split, time_split
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,31 @@ def test_time_split_without_history_is_an_error():
         time_split(table([(1, 1, 5), (2, 2, 5), (3, 3, 5)]), 0.5)  # every event in the same second
     with pytest.raises(DataError, match="need at least 2"):
         time_split(table([(1, 1, 5)]), 0.5)
+
+
+def test_time_split_holds_out_the_latest_events(ml):
+    s = time_split(ml, 0.2, holdout_fraction=0.1)
+    assert len(s.history) + len(s.live) + len(s.holdout) == len(ml)
+    assert keys(pd.concat([s.history, s.live, s.holdout])) == keys(ml)
+    assert s.history["timestamp"].max() < s.t0 <= s.live["timestamp"].min()
+    assert s.live["timestamp"].max() < s.t1 <= s.holdout["timestamp"].min()
+    ordered = np.sort(ml["timestamp"].to_numpy())
+    assert (s.t0, s.t1) == (int(ordered[70_000]), int(ordered[90_000]))
+    assert 0.09 < len(s.holdout) / len(ml) < 0.11 and 0.19 < len(s.live) / len(ml) < 0.21
+    hold = s.holdout[["user_id", "timestamp"]].to_numpy()
+    assert (np.lexsort((hold[:, 1], hold[:, 0])) == np.arange(len(hold))).all()   # (user, time)
+    plain = time_split(ml, 0.2)
+    assert plain.holdout.empty and plain.t1 is None
+
+
+def test_online_split_uses_the_data_config(ml, debug_config):
+    s = online_split(ml, debug_config.data)
+    ref = time_split(ml, debug_config.data.live_fraction, debug_config.data.holdout_fraction)
+    assert (s.t0, s.t1) == (ref.t0, ref.t1) and len(s.holdout) == len(ref.holdout) > 0
+
+
+def test_time_split_rejects_a_holdout_that_leaves_no_history_or_no_live_events():
+    with pytest.raises(DataError, match="holdout_fraction=0.8"):
+        time_split(table([(1, i, i) for i in range(10)]), 0.3, holdout_fraction=0.8)
+    with pytest.raises(DataError, match="leaves no live events"):
+        time_split(table([(1, 1, 1), (1, 2, 2), (1, 3, 9), (1, 4, 9), (1, 5, 9)]), 0.2, holdout_fraction=0.4)
