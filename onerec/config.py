@@ -341,6 +341,27 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class SimulateConfig:
+    """`onerec simulate`: users who request recommendations and react to them (onerec/simulate.py),
+    and the response model their modelled reactions come from (onerec/rl/response.py)."""
+    users: int                # simulated users, drawn (seeded) from those with online features
+    sessions_per_user: int    # requests each simulated user makes
+    k: int                    # items per request (<= serving.max_k)
+    max_rate_per_s: float     # requests per second at most (all users together)
+    response_dim: int         # latent factors of the response model (biased matrix factorization)
+    response_l2: float        # L2 on factors and biases, per rating
+    response_lr: float        # Adam learning rate (full batch)
+    response_epochs: int      # at most; early stop on a random 5 % of the ratings
+
+    def validate(self, key: str) -> None:
+        for name in ("users", "sessions_per_user", "k", "response_dim", "response_epochs"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _check(self.max_rate_per_s > 0, f"{key}.max_rate_per_s", "must be > 0")
+        _check(self.response_l2 >= 0 and self.response_lr > 0, f"{key}.response_l2",
+               "response_l2 must be >= 0 and response_lr > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str
     seed: int
@@ -356,6 +377,7 @@ class Config:
     registry: RegistryConfig
     pipelines: PipelinesConfig
     serving: ServingConfig
+    simulate: SimulateConfig
 
 
 # --------------------------------------------------------------------------- building
