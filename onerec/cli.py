@@ -115,6 +115,15 @@ def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.endpoints import KAFKA_BOOTSTRAP, resolve_endpoints
+    from onerec.simulate import simulate
+
+    bootstrap = resolve_endpoints(cfg.stack.state_dir).require(KAFKA_BOOTSTRAP)
+    emit_figures(simulate(cfg, args.url, bootstrap), args.json)
+    return 0
+
+
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from onerec.model.train import run_training
 
@@ -249,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_ingest.add_argument("--idle-exit", type=float, metavar="S", help="stop after S seconds without records")
     p_ingest.add_argument("--max-records", type=int, metavar="N", help="stop after N records")
     p_ingest.set_defaults(func=cmd_ingest)
+
+    p_sim = sub.add_parser("simulate", parents=[common, json_out],
+                           help="simulated users request recommendations over HTTP and react on Kafka")
+    p_sim.add_argument("--url", default=os.environ.get("ONEREC_PREDICTOR_URL", "http://127.0.0.1:8080"),
+                       help="the predictor (KServe v1) [ONEREC_PREDICTOR_URL or %(default)s]")
+    p_sim.set_defaults(func=cmd_simulate)
 
     arch = argparse.ArgumentParser(add_help=False)
     arch.add_argument("--arch", choices=["v1", "v2"], action=_ArchOverride, help="shortcut for --set model.arch=...")
