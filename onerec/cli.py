@@ -124,6 +124,24 @@ def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rewards_join(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.stream.rewards import open_joiner
+
+    joiner = open_joiner(cfg)
+    joiner.install_signal_handlers()
+    _progress(f"joining {cfg.kafka.exposures.name} x {cfg.kafka.user_events.name} as group {cfg.rewards.group_id}")
+    emit_figures(joiner.run(idle_exit_s=args.idle_exit, max_rows=args.max_rows), args.json)
+    return 0
+
+
+def cmd_rewards_show(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.stream.rewards import ab_arms, load_rewards
+
+    rows = load_rewards(cfg)
+    emit_figures({"offline_rows": len(rows), "arms": ab_arms(_redis(cfg))}, args.json)
+    return 0
+
+
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from onerec.model.train import run_training
 
@@ -264,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim.add_argument("--url", default=os.environ.get("ONEREC_PREDICTOR_URL", "http://127.0.0.1:8080"),
                        help="the predictor (KServe v1) [ONEREC_PREDICTOR_URL or %(default)s]")
     p_sim.set_defaults(func=cmd_simulate)
+
+    p_rewards = sub.add_parser("rewards", help="the reward joiner: exposures x reactions -> rewards")
+    rewards_sub = p_rewards.add_subparsers(dest="action", required=True)
+    p_join = rewards_sub.add_parser("join", parents=[common, json_out],
+                                    help="join exposures and reactions (a consumer-group member)")
+    p_join.add_argument("--idle-exit", type=float, metavar="S", help="close everything and stop after S idle seconds")
+    p_join.add_argument("--max-rows", type=int, metavar="N", help="stop after N rows")
+    p_join.set_defaults(func=cmd_rewards_join)
+    rewards_sub.add_parser("show", parents=[common, json_out],
+                           help="joined rows in the offline store, per-arm sums in the A/B store").set_defaults(
+                               func=cmd_rewards_show)
 
     arch = argparse.ArgumentParser(add_help=False)
     arch.add_argument("--arch", choices=["v1", "v2"], action=_ArchOverride, help="shortcut for --set model.arch=...")

@@ -362,6 +362,20 @@ class SimulateConfig:
 
 
 @dataclass(frozen=True)
+class RewardsConfig:
+    """The reward joiner (onerec/stream/rewards.py): exposures x reactions -> per-exposure rows."""
+    group_id: str             # its Kafka consumer group (run several: they share partitions)
+    window_s: float           # how long after it was served an exposure collects reactions
+    flush_s: float            # how often closed rows are written and offsets committed
+    done_ttl_s: int           # how long the A/B store remembers a counted request id (redeliveries)
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.group_id), f"{key}.group_id", "must be a non-empty string")
+        _check(self.window_s > 0 and self.flush_s > 0, f"{key}.window_s", "window_s and flush_s must be > 0")
+        _check(self.done_ttl_s > self.window_s, f"{key}.done_ttl_s", "must be longer than the window")
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str
     seed: int
@@ -378,6 +392,7 @@ class Config:
     pipelines: PipelinesConfig
     serving: ServingConfig
     simulate: SimulateConfig
+    rewards: RewardsConfig
 
 
 # --------------------------------------------------------------------------- building

@@ -98,3 +98,16 @@ def test_a_play_without_a_shaper_is_counted_unshaped():
 def test_window_must_be_positive():
     with pytest.raises(ValueError, match="window_ms"):
         RewardJoin(0)
+
+
+def test_pending_tokens_are_the_records_still_only_in_memory():
+    join = RewardJoin(W)
+    join.add_exposure(exposure(), now_ms=0, token=("exposures", 0, 5))
+    join.add_reaction(rate(10, 5.0), now_ms=10, token=("user-events", 1, 40))
+    join.add_reaction(rate(10, 5.0, request_id="r2"), now_ms=20, token=("user-events", 0, 7))   # waiting
+    join.add_reaction(UserEvent("o", 7, 10, "click", 1_000_000_000_000), now_ms=30, token=("user-events", 0, 8))
+    assert sorted(join.pending_tokens()) == [("exposures", 0, 5), ("user-events", 0, 7), ("user-events", 1, 40)]
+    join.close(now_ms=W)
+    assert list(join.pending_tokens()) == [("user-events", 0, 7)]
+    join.close(now_ms=W + 30)
+    assert list(join.pending_tokens()) == []
