@@ -38,8 +38,9 @@ from onerec.stream.ingest import open_ingestor
 from onerec.stream.replay import replay
 
 NOT_BUILT = (
-    "request batching in the predictor and the serving benchmark",
-    "reward feedback, RL alignment and the A/B dashboard",
+    "simulated users and the reward joiner in the demo (built: `onerec simulate`, `onerec rewards join`)",
+    "the reward model, RL alignment (the ECPO / GBPO / DPO losses are built) and the align pipeline",
+    "the A/B dashboard",
 )
 
 
