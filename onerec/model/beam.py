@@ -47,7 +47,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             model.train()
 
 
-def _context_only(batch: Mapping[str, torch.Tensor]) -> dict:
+def context_only(batch: Mapping[str, torch.Tensor]) -> dict:
     return {k: v for k, v in batch.items() if k not in ("target", "target_mask", "target_items")}
 
 
@@ -60,7 +60,7 @@ def generate(model: GenerativeRecommender, context_batch: Mapping[str, torch.Ten
     if not 1 <= topk <= beam_size:
         raise ValueError(f"topk={topk} must be in 1..beam_size={beam_size}")
     with eval_mode(model):
-        memory = model.encode(_context_only(context_batch))
+        memory = model.encode(context_only(context_batch))
         items, scores, _ = _generate(model, memory, allowed_fn, item_of_fn, beam_size, session_len, topk)
     return items, scores
 
@@ -140,14 +140,14 @@ def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Te
         raise ValueError(f"k={k} must be in 1..beam_size={beam_size}")
     weight = model.cfg.dense_score_weight if model.dense is not None else 0.0
     with eval_mode(model):
-        memory = model.encode(_context_only(context))                         # once, for both scores
+        memory = model.encode(context_only(context))                         # once, for both scores
         items, scores, h_bos = _generate(model, memory, allowed_fn, item_of_fn, beam_size, 1, beam_size)
         if not weight:
             return items[:, :k, 0], scores[:, :k]
         dense = model.item_logits(h_bos).log_softmax(-1)                      # (B, N) fp32
         by_dense = dense.topk(min(beam_size, dense.shape[1]), dim=1).indices  # (B, W') rows
         # a beam item's score is already its exact log-prob; only the head's picks need decoding
-        gen = torch.cat([scores, _item_logp(model, memory, model.item_codes[by_dense + 1])], 1)  # (B, C)
+        gen = torch.cat([scores, item_logp(model, memory, model.item_codes[by_dense + 1])], 1)  # (B, C)
     cand = torch.cat([items[:, :, 0], by_dense], 1)                           # (B, C) rows, -1 = none
     c = cand.shape[1]
     earlier = torch.ones(c, c, dtype=torch.bool, device=cand.device).tril(-1)  # (C, C) j < i
@@ -158,7 +158,7 @@ def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Te
     return torch.where(torch.isfinite(fused), cand.gather(1, order), -1), fused
 
 
-def _item_logp(model: GenerativeRecommender, memory, codes: torch.Tensor) -> torch.Tensor:
+def item_logp(model: GenerativeRecommender, memory, codes: torch.Tensor) -> torch.Tensor:
     """codes (B, C, L) -> (B, C): each item's log-prob under the decoder (teacher forcing)."""
     b, c, n_levels = codes.shape
     memory = memory.select(torch.arange(b, device=codes.device).repeat_interleave(c))  # (B*C, ...)
@@ -188,7 +188,7 @@ def reference_beam_search(model: GenerativeRecommender, context_batch: Mapping[s
     was_training = model.training
     model.eval()
     n_levels, offsets = model.n_levels, model.emb.offsets.tolist()
-    context = _context_only(context_batch)
+    context = context_only(context_batch)
     b = context["context"].shape[0]
     all_items = torch.full((b, topk, session_len), -1, dtype=torch.long)
     all_scores = torch.full((b, topk), float("-inf"))
@@ -232,7 +232,7 @@ def reference_topk_next_items(model: GenerativeRecommender, context_batch: Mappi
         return items[:, :, 0], scores
     was_training = model.training
     model.eval()
-    context = _context_only(context_batch)
+    context = context_only(context_batch)
     n_levels, offsets, n = model.n_levels, model.emb.offsets.tolist(), model.item_codes.shape[0] - 1
     out_items, out_scores = torch.full((len(items), k), -1), torch.full((len(items), k), float("-inf"))
     for u in range(len(items)):

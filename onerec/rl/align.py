@@ -1,0 +1,125 @@
+"""Preference alignment: the generator samples a group of items per user, a reward function
+scores them, and a policy loss (ECPO, GBPO, or DPO as the baseline) moves probability towards
+the better ones, with a KL term against the frozen reference (the starting champion).
+
+    aligned, log = align(policy, contexts, trie, reward_fn, AlignConfig(method="ecpo"), seed=0)
+
+One step, for a batch of B users (shapes):
+    rows, codes = sample_items(policy, ctx, trie, G)   # (B, G) catalogue rows, (B, G, L) codes,
+                                                       # sampled level by level among valid prefixes
+    r = reward_fn(user index, rows)                    # (B, G), e.g. the reward model's scores
+    A = group_advantages(r)                            # (B, G)
+    logp_old = logp(policy, codes) at sampling time    # (B, G), no grad
+    for each of `inner_steps`: loss = ECPO/GBPO(logp, logp_old, A) + kl_coef * KL(policy || ref)
+DPO pairs each user's best and worst sample of the group (ties skipped).
+
+Simplification: a sample is one item (the next-item task the predictor serves), not a whole
+multi-item session; its log-prob is the sum of its L token log-probs (the beam search's score).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from onerec.model.beam import context_only, item_logp, eval_mode
+from onerec.rl.losses import dpo_loss, ecpo_loss, gbpo_loss, group_advantages
+
+RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (B,) users, (B, G) rows -> (B, G)
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    method: str = "ecpo"         # ecpo | gbpo | dpo
+    group_size: int = 8          # G samples per user
+    steps: int = 50              # sampling rounds
+    batch_users: int = 32
+    inner_steps: int = 2         # policy updates per sampled batch (the old policy's ratio matters)
+    lr: float = 1e-4
+    clip_eps: float = 0.2
+    clip_delta: float = 0.1      # ECPO's early clip
+    kl_coef: float = 0.05
+    dpo_beta: float = 0.1
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.method not in ("ecpo", "gbpo", "dpo"):
+            raise ValueError(f"align method must be ecpo, gbpo or dpo, got {self.method!r}")
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2 (advantages are relative within a group)")
+
+
+@torch.no_grad()
+def sample_items(model, context: dict, trie, group: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """G items per user, each drawn token by token from the model's distribution restricted to
+    valid prefixes -> rows (B, G) (catalogue rows, item index - 1) and codes (B, G, L)."""
+    with eval_mode(model):
+        memory = model.encode(context_only(context))
+        b = memory.key_mask.shape[0]
+        memory = memory.select(torch.arange(b, device=memory.key_mask.device).repeat_interleave(group))
+        ids = torch.full((b * group, 1), model.emb.bos_id, dtype=torch.long, device=memory.key_mask.device)
+        tokens = ids.new_zeros(b * group, 0)
+        for level in range(model.n_levels):
+            h, _ = model.decode(ids, memory)                                   # (B*G, 1 + level, D)
+            logits = model.logits(h[:, -1], level).float() / temperature       # (B*G, K_l)
+            logits = logits.masked_fill(~trie.allowed(tokens).to(logits.device), float("-inf"))
+            token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            tokens = torch.cat([tokens, token[:, None]], 1)
+            ids = torch.cat([ids, model.emb.ids(token, level)[:, None]], 1)
+        rows = trie.item_of(tokens)
+    return rows.view(b, group), tokens.view(b, group, model.n_levels)
+
+
+def sample_logp(model, context: dict, codes: torch.Tensor) -> torch.Tensor:
+    """codes (B, G, L) -> (B, G) log-probs under `model` (with grad when enabled)."""
+    return item_logp(model, model.encode(context_only(context)), codes)
+
+
+def align(policy, contexts: list[dict], users: list[torch.Tensor], trie, reward_fn: RewardFn, cfg: AlignConfig,
+          seed: int, progress: Callable[[int, dict], None] | None = None):
+    """contexts[i], users[i]: batch i's context tensors and user indices; batches are cycled for
+    cfg.steps rounds. -> (the aligned copy of policy, per-round log: mean sampled reward, loss, KL)."""
+    reference = copy.deepcopy(policy).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    policy = copy.deepcopy(policy).eval()
+    opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    g = torch.Generator().manual_seed(seed)
+    log = []
+    for step in range(cfg.steps):
+        ctx, user = contexts[step % len(contexts)], users[step % len(users)]
+        rows, codes = sample_items(policy, ctx, trie, cfg.group_size, cfg.temperature, g)
+        with torch.no_grad():
+            rewards = reward_fn(user, rows).float()                            # (B, G)
+            logp_old = sample_logp(policy, ctx, codes)
+            ref = sample_logp(reference, ctx, codes)
+        adv = group_advantages(rewards)
+        for _ in range(cfg.inner_steps):        # eval mode throughout: no dropout, so ratio 1 = on-policy
+            logp = sample_logp(policy, ctx, codes)
+            kl = (torch.exp(ref - logp) - (ref - logp) - 1).mean()           # k3 estimator, >= 0
+            loss = _policy_loss(cfg, logp, logp_old, adv, ref, rewards) + cfg.kl_coef * kl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        row = {"step": step, "mean_reward": float(rewards.mean()), "loss": float(loss.detach()), "kl": float(kl.detach())}
+        log.append(row)
+        if progress:
+            progress(step, row)
+    return policy.eval(), log
+
+
+def _policy_loss(cfg: AlignConfig, logp, logp_old, adv, ref, rewards) -> torch.Tensor:
+    if cfg.method == "ecpo":
+        return ecpo_loss(logp, logp_old, adv, cfg.clip_eps, cfg.clip_delta)
+    if cfg.method == "gbpo":
+        return gbpo_loss(logp, logp_old, adv)
+    best, worst = rewards.argmax(1), rewards.argmin(1)                         # DPO: best vs worst
+    keep = rewards.gather(1, best[:, None])[:, 0] > rewards.gather(1, worst[:, None])[:, 0]
+    if not keep.any():
+        return logp.sum() * 0.0
+    pick = torch.arange(len(best))[keep]
+    return dpo_loss(logp[pick, best[keep]], logp[pick, worst[keep]], ref[pick, best[keep]], ref[pick, worst[keep]],
+                    cfg.dpo_beta)

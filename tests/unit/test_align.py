@@ -1,0 +1,71 @@
+"""Alignment moves the policy towards rewarded items, and the KL term holds it near the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onerec.rl.align import AlignConfig, align, sample_items, sample_logp
+from tests.unit.test_model import brute_force_fns, make_batch, make_model, model_batch, random_codes, spread_weights
+
+
+class Trie:
+    def __init__(self, codes):
+        self.allowed, self.item_of = brute_force_fns(codes)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    codes = random_codes(24, seed=2)
+    model = spread_weights(make_model("v2", n_layers=1, d_model=16, extra={"n_items": 24}), std=0.1)
+    batches = [model_batch(make_batch(codes, 8, 5, 1, seed=s)) for s in range(3)]
+    users = [torch.arange(8) for _ in batches]
+    return model, codes, batches, users
+
+
+def liked(rows_set):
+    return lambda users, rows: torch.isin(rows, torch.tensor(sorted(rows_set))).float()
+
+
+def mean_sampled_reward(model, codes, batches, reward_fn, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    values = [reward_fn(None, sample_items(model, b, Trie(codes), 16, generator=g)[0]).mean() for b in batches]
+    return float(torch.stack(values).mean())
+
+
+def test_samples_are_valid_items_and_their_logp_is_the_sum_of_token_logps(setup):
+    model, codes, batches, _ = setup
+    rows, sampled = sample_items(model, batches[0], Trie(codes), 5, generator=torch.Generator().manual_seed(0))
+    assert rows.shape == (8, 5) and ((rows >= 0) & (rows < 24)).all()
+    assert torch.equal(codes[rows], sampled)                                   # the row's code is what was drawn
+    logp = sample_logp(model, batches[0], sampled)
+    assert logp.shape == (8, 5) and (logp < 0).all()
+
+
+@pytest.mark.parametrize("method", ["ecpo", "gbpo", "dpo"])
+def test_alignment_raises_the_reward_of_what_the_policy_samples(setup, method):
+    model, codes, batches, users = setup
+    reward_fn = liked({0, 3, 5, 8, 13, 21})
+    before = mean_sampled_reward(model, codes, batches, reward_fn)
+    cfg = AlignConfig(method=method, group_size=8, steps=30, lr=3e-3, kl_coef=0.0, dpo_beta=1.0)
+    aligned, log = align(model, batches, users, Trie(codes), reward_fn, cfg, seed=0)
+    after = mean_sampled_reward(aligned, codes, batches, reward_fn)
+    assert after > before + 0.15, (before, after)
+    assert len(log) == 30 and all(row["kl"] >= 0 for row in log)
+    assert mean_sampled_reward(model, codes, batches, reward_fn) == before        # the input model is untouched
+
+
+def test_the_kl_term_keeps_the_policy_closer_to_the_reference(setup):
+    model, codes, batches, users = setup
+    reward_fn = liked({0, 3, 5})
+    free = AlignConfig(steps=20, lr=3e-3, kl_coef=0.0)
+    held = AlignConfig(steps=20, lr=3e-3, kl_coef=5.0)
+    kl_free = align(model, batches, users, Trie(codes), reward_fn, free, seed=0)[1][-1]["kl"]
+    kl_held = align(model, batches, users, Trie(codes), reward_fn, held, seed=0)[1][-1]["kl"]
+    assert kl_held < kl_free
+
+
+def test_bad_align_configs_are_refused():
+    with pytest.raises(ValueError, match="method"):
+        AlignConfig(method="ppo")
+    with pytest.raises(ValueError, match="group_size"):
+        AlignConfig(group_size=1)
