@@ -376,6 +376,48 @@ class RewardsConfig:
 
 
 @dataclass(frozen=True)
+class RewardModelConfig:
+    """The reward model (onerec/rl/reward_model.py): P-Score-style towers on (user, item)."""
+    dim: int
+    buckets: int              # hashed id rows per tower (new ids share rows instead of failing)
+    epochs: int               # at most: early stop on the latest valid_share of the training rows
+    patience: int             # epochs without a better validation AUC before stopping
+    valid_share: float
+    batch_size: int
+    lr: float
+    weight_decay: float
+
+    def validate(self, key: str) -> None:
+        for name in ("dim", "buckets", "epochs", "patience", "batch_size"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _check(0 < self.valid_share < 1 and self.lr > 0 and self.weight_decay >= 0, f"{key}.valid_share",
+               "valid_share must be in (0, 1), lr > 0, weight_decay >= 0")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Preference alignment (onerec/rl/align.py): groups sampled from the policy, scored, updated."""
+    method: Literal["ecpo", "gbpo", "dpo"]
+    group_size: int           # G samples per user (advantages are relative within the group)
+    steps: int                # sampling rounds
+    batch_users: int
+    inner_steps: int          # policy updates per sampled batch
+    lr: float
+    clip_eps: float
+    clip_delta: float         # ECPO's early clip: the ratio of a negative sample is at most 1 + eps + delta
+    kl_coef: float            # weight of KL(policy || the starting champion)
+    dpo_beta: float
+    temperature: float        # sampling temperature
+
+    def validate(self, key: str) -> None:
+        _check(self.group_size >= 2, f"{key}.group_size", "must be >= 2 (advantages are relative within a group)")
+        for name in ("steps", "batch_users", "inner_steps"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _check(self.lr > 0 and self.temperature > 0 and self.kl_coef >= 0, f"{key}.lr",
+               "lr and temperature must be > 0, kl_coef >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str
     seed: int
@@ -393,6 +435,8 @@ class Config:
     serving: ServingConfig
     simulate: SimulateConfig
     rewards: RewardsConfig
+    reward_model: RewardModelConfig
+    align: AlignConfig
 
 
 # --------------------------------------------------------------------------- building

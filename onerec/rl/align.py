@@ -2,7 +2,7 @@
 scores them, and a policy loss (ECPO, GBPO, or DPO as the baseline) moves probability towards
 the better ones, with a KL term against the frozen reference (the starting champion).
 
-    aligned, log = align(policy, contexts, trie, reward_fn, AlignConfig(method="ecpo"), seed=0)
+    aligned, log = align(policy, contexts, users, trie, reward_fn, cfg.align, seed=cfg.seed)
 
 One step, for a batch of B users (shapes):
     rows, codes = sample_items(policy, ctx, trie, G)   # (B, G) catalogue rows, (B, G, L) codes,
@@ -14,41 +14,21 @@ One step, for a batch of B users (shapes):
 DPO pairs each user's best and worst sample of the group (ties skipped).
 
 Simplification: a sample is one item (the next-item task the predictor serves), not a whole
-multi-item session; its log-prob is the sum of its L token log-probs (the beam search's score).
+multi-item session. Its log-prob is the serving score: the sum of its L token log-probs, plus
+dense_score_weight x the dense head's log-softmax for the hybrid (so the head, which dominates the
+hybrid's ranking, is aligned too); samples are drawn from the token distribution alone.
 """
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
+from onerec.config import AlignConfig
 from onerec.model.beam import context_only, item_logp, eval_mode
 from onerec.rl.losses import dpo_loss, ecpo_loss, gbpo_loss, group_advantages
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (B,) users, (B, G) rows -> (B, G)
-
-
-@dataclass(frozen=True)
-class AlignConfig:
-    method: str = "ecpo"         # ecpo | gbpo | dpo
-    group_size: int = 8          # G samples per user
-    steps: int = 50              # sampling rounds
-    batch_users: int = 32
-    inner_steps: int = 2         # policy updates per sampled batch (the old policy's ratio matters)
-    lr: float = 1e-4
-    clip_eps: float = 0.2
-    clip_delta: float = 0.1      # ECPO's early clip
-    kl_coef: float = 0.05
-    dpo_beta: float = 0.1
-    temperature: float = 1.0
-
-    def __post_init__(self):
-        if self.method not in ("ecpo", "gbpo", "dpo"):
-            raise ValueError(f"align method must be ecpo, gbpo or dpo, got {self.method!r}")
-        if self.group_size < 2:
-            raise ValueError("group_size must be >= 2 (advantages are relative within a group)")
 
 
 @torch.no_grad()
@@ -73,9 +53,17 @@ def sample_items(model, context: dict, trie, group: int, temperature: float = 1.
     return rows.view(b, group), tokens.view(b, group, model.n_levels)
 
 
-def sample_logp(model, context: dict, codes: torch.Tensor) -> torch.Tensor:
-    """codes (B, G, L) -> (B, G) log-probs under `model` (with grad when enabled)."""
-    return item_logp(model, model.encode(context_only(context)), codes)
+def sample_logp(model, context: dict, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """codes (B, G, L) -> (B, G) the serving score of each sample under `model` (with grad when
+    enabled): its token log-probs, + dense_score_weight x the dense head's log-softmax at its row
+    for the hybrid (what `topk_next_items` ranks by, so alignment moves what is served)."""
+    memory = model.encode(context_only(context))
+    logp = item_logp(model, memory, codes)
+    weight = model.cfg.dense_score_weight if model.dense is not None else 0.0
+    if weight and rows is not None:
+        dense = model.item_logits(model.bos_state(memory)).log_softmax(-1)      # (B, N)
+        logp = logp + weight * dense.gather(1, rows.clamp(min=0))
+    return logp
 
 
 def align(policy, contexts: list[dict], users: list[torch.Tensor], trie, reward_fn: RewardFn, cfg: AlignConfig,
@@ -94,11 +82,11 @@ def align(policy, contexts: list[dict], users: list[torch.Tensor], trie, reward_
         rows, codes = sample_items(policy, ctx, trie, cfg.group_size, cfg.temperature, g)
         with torch.no_grad():
             rewards = reward_fn(user, rows).float()                            # (B, G)
-            logp_old = sample_logp(policy, ctx, codes)
-            ref = sample_logp(reference, ctx, codes)
+            logp_old = sample_logp(policy, ctx, codes, rows)
+            ref = sample_logp(reference, ctx, codes, rows)
         adv = group_advantages(rewards)
         for _ in range(cfg.inner_steps):        # eval mode throughout: no dropout, so ratio 1 = on-policy
-            logp = sample_logp(policy, ctx, codes)
+            logp = sample_logp(policy, ctx, codes, rows)
             kl = (torch.exp(ref - logp) - (ref - logp) - 1).mean()           # k3 estimator, >= 0
             loss = _policy_loss(cfg, logp, logp_old, adv, ref, rewards) + cfg.kl_coef * kl
             opt.zero_grad()

@@ -3,7 +3,7 @@ exposure rows (onerec/stream/rewards.py), read by alignment to score sampled ses
 
     examples = reward_examples(load_rewards(cfg))             # one row per (exposure, reacted item)
     train, test = time_slices(examples, test_share=0.2)       # the test slice is the latest
-    model, fit = train_reward_model(train, item_features, RewardModelConfig(), seed=0)
+    model, fit = train_reward_model(train, item_features, cfg.reward_model, seed=cfg.seed)
     report = evaluate_reward_model(model, train, test)        # AUC beside constant and popularity
     model.score(users, items)                                 # (n,) expected reward in [-1, 1]
 
@@ -18,29 +18,16 @@ after training still get a (shared, untrained) row instead of an error.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from onerec.config import RewardModelConfig
 from onerec.eval.metrics import binary_auc
 
 LIKE_AT = 0.5            # a reward at or above this is a like: a rating of 4 or 5
-
-
-@dataclass(frozen=True)
-class RewardModelConfig:
-    dim: int = 32
-    buckets: int = 1 << 14
-    epochs: int = 30             # at most: early stop on the latest valid_share of the training rows
-    patience: int = 3
-    valid_share: float = 0.1
-    batch_size: int = 512
-    lr: float = 3e-3
-    weight_decay: float = 1e-5
 
 
 def reward_examples(rows: pd.DataFrame) -> pd.DataFrame:

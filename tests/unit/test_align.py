@@ -1,11 +1,17 @@
 """Alignment moves the policy towards rewarded items, and the KL term holds it near the reference."""
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import torch
 
-from onerec.rl.align import AlignConfig, align, sample_items, sample_logp
+from onerec.config import ConfigError, load_config
+from onerec.rl.align import align, sample_items, sample_logp
 from tests.unit.test_model import brute_force_fns, make_batch, make_model, model_batch, random_codes, spread_weights
+
+
+def align_cfg(**kw):
+    return dataclasses.replace(load_config("debug").align, **kw)
 
 
 class Trie:
@@ -46,7 +52,7 @@ def test_alignment_raises_the_reward_of_what_the_policy_samples(setup, method):
     model, codes, batches, users = setup
     reward_fn = liked({0, 3, 5, 8, 13, 21})
     before = mean_sampled_reward(model, codes, batches, reward_fn)
-    cfg = AlignConfig(method=method, group_size=8, steps=30, lr=3e-3, kl_coef=0.0, dpo_beta=1.0)
+    cfg = align_cfg(method=method, group_size=8, steps=30, lr=3e-3, kl_coef=0.0, dpo_beta=1.0)
     aligned, log = align(model, batches, users, Trie(codes), reward_fn, cfg, seed=0)
     after = mean_sampled_reward(aligned, codes, batches, reward_fn)
     assert after > before + 0.15, (before, after)
@@ -57,15 +63,29 @@ def test_alignment_raises_the_reward_of_what_the_policy_samples(setup, method):
 def test_the_kl_term_keeps_the_policy_closer_to_the_reference(setup):
     model, codes, batches, users = setup
     reward_fn = liked({0, 3, 5})
-    free = AlignConfig(steps=20, lr=3e-3, kl_coef=0.0)
-    held = AlignConfig(steps=20, lr=3e-3, kl_coef=5.0)
+    free = align_cfg(steps=20, lr=3e-3, kl_coef=0.0)
+    held = align_cfg(steps=20, lr=3e-3, kl_coef=5.0)
     kl_free = align(model, batches, users, Trie(codes), reward_fn, free, seed=0)[1][-1]["kl"]
     kl_held = align(model, batches, users, Trie(codes), reward_fn, held, seed=0)[1][-1]["kl"]
     assert kl_held < kl_free
 
 
 def test_bad_align_configs_are_refused():
-    with pytest.raises(ValueError, match="method"):
-        AlignConfig(method="ppo")
-    with pytest.raises(ValueError, match="group_size"):
-        AlignConfig(group_size=1)
+    with pytest.raises(ConfigError, match="align.method"):
+        load_config("debug", ["align.method=ppo"])
+    with pytest.raises(ConfigError, match="align.group_size"):
+        load_config("debug", ["align.group_size=1"])
+
+
+def test_for_the_hybrid_the_aligned_score_is_the_serving_score():
+    from onerec.model import topk_next_items
+    from tests.unit.test_model import dense_model
+
+    model, codes = dense_model(n_items=12, score_weight=0.7)
+    model.eval()
+    batch = model_batch(make_batch(codes, 3, 5, 1, seed=4))
+    allowed, item_of = brute_force_fns(codes)
+    items, scores = topk_next_items(model, batch, allowed, item_of, beam_size=12, k=4)   # exact: beam >= N
+    with torch.no_grad():
+        ours = sample_logp(model, batch, codes[items], rows=items)
+    torch.testing.assert_close(ours, scores, atol=1e-4, rtol=1e-4)

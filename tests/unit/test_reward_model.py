@@ -2,13 +2,19 @@
 later time slice, and reads the joined rows the way the joiner writes them."""
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from onerec.rl.reward_model import (RewardModelConfig, evaluate_reward_model, item_attribute_table,
+from onerec.config import load_config
+from onerec.rl.reward_model import (evaluate_reward_model, item_attribute_table,
                                     reward_examples, time_slices, train_reward_model)
+
+
+def rm_cfg(**kw):
+    return dataclasses.replace(load_config("debug").reward_model, **kw)
 
 
 def synthetic_examples(n=8000, seed=0) -> pd.DataFrame:
@@ -24,7 +30,7 @@ def synthetic_examples(n=8000, seed=0) -> pd.DataFrame:
 def test_the_reward_model_beats_constant_and_popularity_on_the_later_slice():
     train, test = time_slices(synthetic_examples(), test_share=0.2)
     assert train["served_ms"].max() < test["served_ms"].min()
-    model, fit = train_reward_model(train, None, RewardModelConfig(dim=16, epochs=15), seed=0)
+    model, fit = train_reward_model(train, None, rm_cfg(dim=16, epochs=15), seed=0)
     report = evaluate_reward_model(model, train, test)
     assert 1 <= fit["epochs"] <= 15 and fit["valid_auc"] > 0.8
     assert report["reward_model_auc"] > 0.85 and report["popularity_auc"] < 0.65
@@ -44,7 +50,7 @@ def test_item_attributes_enter_the_item_tower():
     items = pd.DataFrame({"item_id": [3, 1, 2], "genres": [["a"], ["b", "c"], []]})
     table, ids = item_attribute_table(items)
     assert ids.tolist() == [1, 2, 3] and table.tolist() == [[2, 3], [0, 0], [1, 0]]
-    model, _ = train_reward_model(synthetic_examples(200), (table, ids), RewardModelConfig(dim=4, epochs=1), seed=0)
+    model, _ = train_reward_model(synthetic_examples(200), (table, ids), rm_cfg(dim=4, epochs=1), seed=0)
     with torch.no_grad():
         with_attrs = model._attribute_vectors(torch.tensor([1, 2, 99]))
     assert with_attrs[0].abs().sum() > 0 and with_attrs[1].abs().sum() == 0 and with_attrs[2].abs().sum() == 0
@@ -52,6 +58,6 @@ def test_item_attributes_enter_the_item_tower():
 
 def test_no_examples_or_too_few_to_slice_are_clear_errors():
     with pytest.raises(ValueError, match="no reward examples"):
-        train_reward_model(synthetic_examples(0), None, RewardModelConfig(), seed=0)
+        train_reward_model(synthetic_examples(0), None, rm_cfg(), seed=0)
     with pytest.raises(ValueError, match="cannot be cut"):
         time_slices(synthetic_examples(1))
