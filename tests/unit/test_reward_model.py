@@ -3,6 +3,7 @@ later time slice, and reads the joined rows the way the joiner writes them."""
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
