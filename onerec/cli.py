@@ -142,6 +142,13 @@ def cmd_rewards_show(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_align(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.rl.offline import align_saved_model
+
+    emit_figures(align_saved_model(cfg, args.model, args.out, args.rewards, _progress), args.json)
+    return 0
+
+
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from onerec.model.train import run_training
 
@@ -293,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     rewards_sub.add_parser("show", parents=[common, json_out],
                            help="joined rows in the offline store, per-arm sums in the A/B store").set_defaults(
                                func=cmd_rewards_show)
+
+    p_align = sub.add_parser("align", parents=[common, json_out],
+                             help="align a saved model with a reward model (align.method), check it on held-out ratings")
+    p_align.add_argument("--model", required=True, metavar="DIR", help="a saved `onerec train` output (the champion)")
+    p_align.add_argument("--out", required=True, metavar="DIR", help="where the aligned model is saved")
+    p_align.add_argument("--rewards", choices=["ratings", "joined"], default="ratings",
+                         help="the reward model's data: seen real ratings, or joined exposure rows [%(default)s]")
+    p_align.set_defaults(func=cmd_align)
 
     arch = argparse.ArgumentParser(add_help=False)
     arch.add_argument("--arch", choices=["v1", "v2"], action=_ArchOverride, help="shortcut for --set model.arch=...")
