@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from onerec.config import RewardModelConfig
 from onerec.eval.metrics import binary_auc
+from onerec.model.beam import eval_mode
 
 LIKE_AT = 0.5            # a reward at or above this is a like: a rating of 4 or 5
 
@@ -86,23 +87,19 @@ class RewardModel(nn.Module):
         return F.embedding_bag(attrs, self.attr.weight, mode="mean", padding_idx=0)
 
     @torch.no_grad()
-    def score(self, users, items) -> np.ndarray:
-        """Expected reward (n,) in [-1, 1] for raw (user, item) pairs."""
-        was = self.training
-        self.eval()
-        _, reward = self(torch.as_tensor(np.asarray(users), dtype=torch.long),
-                         torch.as_tensor(np.asarray(items), dtype=torch.long))
-        self.train(was)
-        return reward.numpy()
+    def predict(self, users, items) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (user, item) pairs -> (like probability (n,), expected reward (n,) in [-1, 1])."""
+        with eval_mode(self):
+            logit, reward = self(torch.as_tensor(np.asarray(users), dtype=torch.long),
+                                 torch.as_tensor(np.asarray(items), dtype=torch.long))
+        return torch.sigmoid(logit).numpy(), reward.numpy()
 
-    @torch.no_grad()
+    def score(self, users, items) -> np.ndarray:
+        """Expected reward (n,) in [-1, 1]: what alignment maximizes."""
+        return self.predict(users, items)[1]
+
     def like_probability(self, users, items) -> np.ndarray:
-        was = self.training
-        self.eval()
-        logit, _ = self(torch.as_tensor(np.asarray(users), dtype=torch.long),
-                        torch.as_tensor(np.asarray(items), dtype=torch.long))
-        self.train(was)
-        return torch.sigmoid(logit).numpy()
+        return self.predict(users, items)[0]
 
 
 def item_attribute_table(items: pd.DataFrame, column: str = "genres") -> tuple[torch.Tensor, np.ndarray]:

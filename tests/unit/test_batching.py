@@ -27,12 +27,19 @@ class Recorder:
         return [2 * i for i in items]
 
 
-def submit_while_held(fn: Recorder, batcher: MicroBatcher, jobs: list[list[int]]):
-    """Hold the worker inside a first call, queue `jobs`, release -> (first future, job futures)."""
+def hold_worker(fn: Recorder, batcher: MicroBatcher, items: list[int]):
+    """Submit `items` and return once the worker is inside fn with them, held there until
+    fn.gate is set -> their future."""
     fn.gate.clear()
     fn.entered.clear()
-    first = batcher.submit([1000])
+    first = batcher.submit(items)
     assert fn.entered.wait(5)
+    return first
+
+
+def submit_while_held(fn: Recorder, batcher: MicroBatcher, jobs: list[list[int]]):
+    """Hold the worker inside a first call, queue `jobs`, release -> (first future, job futures)."""
+    first = hold_worker(fn, batcher, [1000])
     futures = [batcher.submit(job) for job in jobs]
     fn.gate.set()
     return first, futures
@@ -104,9 +111,7 @@ def test_a_batch_function_returning_the_wrong_number_of_results_is_an_error():
 def test_more_waiting_jobs_than_max_pending_is_refused_and_the_rest_complete():
     fn = Recorder()
     batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.0, max_pending=2)
-    fn.gate.clear()
-    first = batcher.submit([1])
-    assert fn.entered.wait(5)
+    first = hold_worker(fn, batcher, [1])
     queued = [batcher.submit([2]), batcher.submit([3])]
     with pytest.raises(Overloaded, match="2 requests are already waiting"):
         batcher.submit([4])
@@ -118,9 +123,7 @@ def test_more_waiting_jobs_than_max_pending_is_refused_and_the_rest_complete():
 def test_close_finishes_queued_jobs_then_refuses_new_ones():
     fn = Recorder()
     batcher = MicroBatcher(fn, max_batch=1, max_wait_s=0.0, max_pending=10)
-    fn.gate.clear()
-    first = batcher.submit([1])
-    assert fn.entered.wait(5)
+    first = hold_worker(fn, batcher, [1])
     later = batcher.submit([2])
     threading.Timer(0.05, fn.gate.set).start()
     batcher.close()
