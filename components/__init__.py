@@ -1,10 +1,11 @@
-"""KFP v2 components of the retrain pipeline: thin wrappers over `onerec.retrain`.
+"""KFP v2 components of the retrain and align pipelines: thin wrappers over `onerec.retrain`
+and `onerec.rl.offline`.
 
 Each function below is a lightweight Python component body: self-contained (imports inside),
 so KFP can ship its source to a container built from infra/docker/Dockerfile, which
 already holds onerec and kfp (hence install_kfp_package=False: nothing is pip-installed at run
-time). `retrain_components(image)` turns them into components on one base image, the pipeline's
-parameter. Every component takes the preset and --set overrides, so the config is resolved the
+time). `retrain_components(image)` / `align_components(image)` turn them into components on one base
+image, the pipeline's parameter. Every component takes the preset and --set overrides, so the config is resolved the
 same way in every step; endpoints (MLFLOW_TRACKING_URI, REDIS_URL) come from the environment.
 """
 # no `from __future__ import annotations`: KFP reads the real annotation objects
@@ -86,11 +87,39 @@ def set_challenger(preset: str, overrides: List[str], version: str) -> str:
     return json.dumps(set_challenger_step(load_config(preset, overrides), version))
 
 
-STEPS = (snapshot_features, build_training_set, fit_tokenizer, train_model, evaluate_model,
-         register_model, set_challenger)
+def align_model(preset: str, overrides: List[str], as_of: str, model: Output[Model]) -> str:
+    """The champion aligned on the joined exposure rows, tracked in MLflow; returns the run id."""
+    from onerec.config import load_config
+    from onerec.rl.offline import align_step
+
+    report = align_step(load_config(preset, overrides), model.path, as_of)
+    model.metadata.update({k: v for k, v in report.items() if isinstance(v, (int, float, str))})
+    return report["mlflow_run_id"]
+
+
+def register_challenger(preset: str, overrides: List[str], run_id: str, pipeline_run: str) -> str:
+    """A new version from the align run, aliased `challenger`; returns its number."""
+    from onerec.config import load_config
+    from onerec.rl.offline import register_challenger_step
+
+    return register_challenger_step(load_config(preset, overrides), run_id, pipeline_run)
+
+
+RETRAIN_STEPS = (snapshot_features, build_training_set, fit_tokenizer, train_model, evaluate_model,
+                 register_model, set_challenger)
+ALIGN_STEPS = (align_model, register_challenger)
+
+
+def _components(image: str, steps) -> SimpleNamespace:
+    make = dsl.component(base_image=image, install_kfp_package=False)
+    return SimpleNamespace(**{fn.__name__: make(fn) for fn in steps})
 
 
 def retrain_components(image: str) -> SimpleNamespace:
-    """Every step as a KFP component on base image `image`, by function name."""
-    make = dsl.component(base_image=image, install_kfp_package=False)
-    return SimpleNamespace(**{fn.__name__: make(fn) for fn in STEPS})
+    """Every retrain step as a KFP component on base image `image`, by function name."""
+    return _components(image, RETRAIN_STEPS)
+
+
+def align_components(image: str) -> SimpleNamespace:
+    """Every align step as a KFP component on base image `image`, by function name."""
+    return _components(image, ALIGN_STEPS)

@@ -337,8 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_schedule = pipes_sub.add_parser("schedule", parents=[common, json_out], help="a recurring run on KFP_HOST")
     p_schedule.add_argument("--cron", metavar="EXPR",
                             help="KFP cron, 6 fields, seconds first [pipelines.schedule_cron]")
+    from onerec.pipelines import PIPELINES as pipeline_names   # light: kfp is imported when one runs
+
     for p in (p_compile, p_run, p_submit, p_schedule):
-        p.add_argument("pipeline", choices=["retrain"])
+        p.add_argument("pipeline", choices=sorted(pipeline_names))
         p.set_defaults(func=cmd_pipelines)
 
     p_model = sub.add_parser("model", help="the MLflow model registry: list, promote, rollback")

@@ -65,7 +65,8 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     online = online_split(dataset.interactions, cfg.data)
     figures.update(users=stats["users"], items=stats["items"], interactions=stats["interactions"],
                    train=len(offline.train), valid=len(offline.valid), test=len(offline.test),
-                   history_events=len(online.history), live_events=len(online.live), t0=online.t0)
+                   history_events=len(online.history), live_events=len(online.live),
+                   holdout_events=len(online.holdout), t0=online.t0)
 
     progress("3/8 Feast: apply feature_repo/, backfill the history, materialize online")
     print("applied: " + ", ".join(feast_store.apply_repo(cfg)))

@@ -23,7 +23,7 @@ from onerec.config import Config
 from onerec.endpoints import MLFLOW_TRACKING_URI, REDIS_URL, resolve_endpoints
 
 KFP_HOST = "KFP_HOST"            # the Kubeflow Pipelines API, e.g. http://ml-pipeline-ui.kubeflow:80
-PIPELINES = {"retrain": "pipelines.retrain"}
+PIPELINES = {"retrain": "pipelines.retrain", "align": "pipelines.align"}
 
 
 class PipelineError(RuntimeError):

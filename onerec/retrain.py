@@ -39,7 +39,7 @@ TRAINING_EVENTS, TRAINING_META = "interactions.parquet", "training_set.json"
 VERDICT = "evaluation.json"
 
 
-def _tracking_uri(cfg: Config) -> str:
+def tracking_uri(cfg: Config) -> str:
     return resolve_endpoints(cfg.stack.state_dir).require(MLFLOW_TRACKING_URI)
 
 
@@ -176,7 +176,7 @@ def train_step(cfg: Config, training_dir: str | Path, tokenizer_dir: str | Path,
 
     data, info = load_training_set(cfg, training_dir)
     run_tags = {"data_snapshot": info["snapshot_id"], "data_as_of": info["as_of"], **(tags or {})}
-    return run_training(cfg, out_dir, progress=progress, tracking_uri=_tracking_uri(cfg), data_set=data,
+    return run_training(cfg, out_dir, progress=progress, tracking_uri=tracking_uri(cfg), data_set=data,
                         tokenizer=SemanticIdTokenizer.load(tokenizer_dir), run_tags=run_tags)
 
 
@@ -220,7 +220,7 @@ def evaluate_step(cfg: Config, training_dir: str | Path, model_dir: str | Path, 
     data, info = load_training_set(cfg, training_dir)
     metric, margin = cfg.registry.select_metric, cfg.registry.margin
     candidate = test_metrics(cfg, model_dir, data)
-    reg = Registry.connect(_tracking_uri(cfg), cfg.registry.model_name)
+    reg = Registry.connect(tracking_uri(cfg), cfg.registry.model_name)
     champion_version = reg.alias_version(CHAMPION) if reg.exists() else None
     champion = None
     if champion_version is not None:
@@ -240,7 +240,7 @@ def evaluate_step(cfg: Config, training_dir: str | Path, model_dir: str | Path, 
     if run_id:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(_tracking_uri(cfg))
+        client = MlflowClient(tracking_uri(cfg))
         client.log_dict(run_id, verdict, VERDICT)
         from onerec.model.train import metric_name
 
@@ -265,7 +265,7 @@ def register_step(cfg: Config, run_id: str, pipeline_run: str = "") -> str:
     from onerec.model.train import metric_name
     from onerec.registry import Registry
 
-    uri = _tracking_uri(cfg)
+    uri = tracking_uri(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         verdict = _read_json(Path(MlflowClient(uri).download_artifacts(run_id, VERDICT, tmp)), "evaluation")
     tags = {"pipeline_run_id": pipeline_run, "data_snapshot": verdict["snapshot_id"],
@@ -281,7 +281,7 @@ def set_challenger_step(cfg: Config, version: str) -> dict[str, str]:
     the version's evaluation as the reason."""
     from onerec.registry import CHALLENGER, CHAMPION, Registry
 
-    reg = Registry.connect(_tracking_uri(cfg), cfg.registry.model_name)
+    reg = Registry.connect(tracking_uri(cfg), cfg.registry.model_name)
     changes: dict[str, str | None] = {CHALLENGER: str(version)}
     if reg.alias_version(CHAMPION) is None:
         changes[CHAMPION] = str(version)

@@ -73,7 +73,8 @@ def offline_check(served, reward_model, users: list[int], histories: list[list[i
 
 
 def align_saved_model(cfg: Config, model_dir: str | Path, out_dir: str | Path, rewards: str = "ratings",
-                      progress: Callable[[str], None] = lambda msg: None) -> dict:
+                      progress: Callable[[str], None] = lambda msg: None, as_of: str = "") -> dict:
+    """as_of: with rewards="joined", only rows served up to this time (ISO 8601; '' = all)."""
     from onerec.model.data import context_batch
     from onerec.model.train import load_model, save_model
     from onerec.rl.align import align
@@ -85,7 +86,10 @@ def align_saved_model(cfg: Config, model_dir: str | Path, out_dir: str | Path, r
     if rewards == "joined":
         from onerec.stream.rewards import load_rewards
 
-        examples = reward_examples(load_rewards(cfg))
+        rows = load_rewards(cfg)
+        if as_of:
+            rows = rows[rows["served_ms"] <= pd.Timestamp(as_of).value // 1_000_000]
+        examples = reward_examples(rows)
     elif rewards == "ratings":
         examples = rating_examples(seen)
     else:
@@ -130,5 +134,72 @@ def align_saved_model(cfg: Config, model_dir: str | Path, out_dir: str | Path, r
     report.update(align_method=cfg.align.method, align_steps=cfg.align.steps,
                   sampled_reward_first=round(float(np.mean([r["mean_reward"] for r in log[:5]])), 4),
                   sampled_reward_last=round(float(np.mean([r["mean_reward"] for r in log[-5:]])), 4),
-                  final_kl=round(log[-1]["kl"], 5), aligned_model=str(saved))
+                  final_kl=round(log[-1]["kl"], 5), aligned_model=str(saved), reward_examples=len(examples))
     return report
+
+
+# --------------------------------------------------------------------------- the align pipeline's steps
+
+ALIGN_EXPERIMENT = "onerec-align"
+REPORT = "alignment.json"
+
+
+def align_step(cfg: Config, out_dir: str | Path, as_of: str = "") -> dict:
+    """The registry's champion, aligned on the joined exposure rows served up to `as_of` ('' = all),
+    tracked as an MLflow run (the aligned model under `model/`, the report as alignment.json)
+    -> the report, with mlflow_run_id and champion_version."""
+    import json
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from onerec.registry import CHAMPION, Registry
+    from onerec.retrain import tracking_uri
+
+    uri = tracking_uri(cfg)
+    reg = Registry.connect(uri, cfg.registry.model_name)
+    champion = reg.alias_version(CHAMPION)
+    if champion is None:
+        raise ValueError(f"registered model '{reg.name}' has no champion to align: run the retrain pipeline first")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = reg.download(champion, Path(tmp) / "champion")
+        report = {**align_saved_model(cfg, folder, out_dir, rewards="joined", as_of=as_of), "champion_version": champion}
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(ALIGN_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(ALIGN_EXPERIMENT)
+    run_id = client.create_run(experiment_id, tags={"aligned_from": champion, "align_method": cfg.align.method,
+                                                    "preset": cfg.preset}).info.run_id
+    for key, value in report.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            client.log_metric(run_id, key.replace("@", "_at_"), float(value))
+    client.log_artifacts(run_id, str(out_dir), "model")
+    client.log_text(run_id, json.dumps(report, indent=2, sort_keys=True), REPORT)
+    client.set_terminated(run_id)
+    return {**report, "mlflow_run_id": run_id}
+
+
+def register_challenger_step(cfg: Config, run_id: str, pipeline_run: str = "") -> str:
+    """A new version from the align run, alias `challenger` -> it (the A/B test's treatment)."""
+    import json
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from onerec.registry import CHALLENGER, Registry
+    from onerec.retrain import tracking_uri
+
+    uri = tracking_uri(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = json.loads(Path(MlflowClient(uri).download_artifacts(run_id, REPORT, tmp)).read_text())
+    k = cfg.serving.default_k
+    tags = {"pipeline_run_id": pipeline_run, "aligned_from": str(report.get("champion_version", "")),
+            "align_method": report["align_method"], "reward_source": report["reward_source"],
+            **{key.replace("@", "_at_"): str(report[key]) for key in
+               (f"champion_expected_reward@{k}", f"aligned_expected_reward@{k}", f"champion_liked_share@{k}",
+                f"aligned_liked_share@{k}") if report.get(key) is not None}}
+    reg = Registry.connect(uri, cfg.registry.model_name)
+    version = reg.register(run_id, "model", tags=tags)
+    reg.move({CHALLENGER: version}, action="register-alias", who="align-pipeline",
+             reason=f"{report['align_method']} alignment of v{tags['aligned_from']}: expected reward@{k} "
+                    f"{report.get(f'champion_expected_reward@{k}')} -> {report.get(f'aligned_expected_reward@{k}')}")
+    return version

@@ -23,7 +23,8 @@ def test_demo_runs_end_to_end_and_reports_figures(tmp_path, capsys):
         assert figures == json.loads((tmp_path / "demo.json").read_text())
         assert figures["users"] == cfg.data.max_users
         assert figures["train"] + figures["valid"] + figures["test"] == figures["interactions"]
-        assert figures["history_events"] + figures["live_events"] == figures["interactions"]
+        assert figures["history_events"] + figures["live_events"] + figures["holdout_events"] == figures["interactions"]
+        assert figures["holdout_events"] > 0                  # never replayed, backfilled or trained on
         assert figures["backfill_applied"] == figures["backfill_history_events"] == figures["history_events"]
         assert figures["replay_published"] == figures["live_events"] > 0
         assert figures["ingest_consumed"] == figures["ingest_written"] == figures["live_events"]

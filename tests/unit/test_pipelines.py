@@ -162,5 +162,21 @@ def test_remote_commands_need_kfp_host_and_local_runs_need_the_stack(monkeypatch
 
     with pytest.raises(EndpointError, match="MLFLOW_TRACKING_URI is not set"):
         pipelines.run_local(cfg, "retrain", "debug", [])
-    with pytest.raises(pipelines.PipelineError, match="unknown pipeline 'align'"):
-        pipelines.compile_pipeline(cfg, "align", tmp_path / "x.yaml")
+    with pytest.raises(pipelines.PipelineError, match="unknown pipeline 'rank'"):
+        pipelines.compile_pipeline(cfg, "rank", tmp_path / "x.yaml")
+
+
+def test_committed_align_yaml_is_what_the_code_compiles_to_and_registers_after_aligning(tmp_path):
+    from pipelines.align import COMPILED
+
+    fresh = pipelines.compile_pipeline(load_config("full"), "align", tmp_path / "align.yaml")
+    assert fresh.read_text() == COMPILED.read_text(), (
+        "pipelines/align.yaml is stale: run `onerec pipelines compile align --config full` and commit it")
+    spec, platform = _documents(fresh)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"align-model", "register-challenger"}
+    assert tasks["register-challenger"]["dependentTasks"] == ["align-model"]
+    assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert all(e["configMapAsEnv"][0]["configMapName"] == "onerec-endpoints" for e in executors.values())
+    assert [e for e in executors if executors[e].get("pvcMount")] == ["exec-align-model"]

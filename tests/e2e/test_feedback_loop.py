@@ -1,6 +1,7 @@
-"""Users in the loop on the embedded stack: the HTTP predictor serves simulated users, their
-reactions go to Kafka, the reward joiner ties them to the exposures and writes one row per
-exposure to the offline store and the A/B store, once, even when run again."""
+"""The feedback loop on the embedded stack (debug preset): the HTTP predictor serves simulated
+users, their reactions go to Kafka, the reward joiner ties them to the exposures and writes one
+row per exposure to the offline store and the A/B store (once, even when run again), and the
+align pipeline (kfp.local) turns the champion and those rewards into a `challenger`."""
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ from serving.process import ServerProcess
 from tests.conftest import stack_config
 from tests.integration.test_serving_http import _register_two_versions
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 
 def test_simulated_reactions_join_their_exposures_into_rewards(tmp_path, monkeypatch):
@@ -57,6 +58,16 @@ def test_simulated_reactions_join_their_exposures_into_rewards(tmp_path, monkeyp
         again = RewardJoiner(cfg, env_file["KAFKA_BOOTSTRAP"], r).run(idle_exit_s=3)   # committed: nothing new
         assert again["rows_written"] == 0 and len(load_rewards(cfg)) == 12
         assert ab_arms(r)[f"control:{champion}"]["n"] == 12
+
+        from onerec.pipelines import run_local
+        from onerec.registry import Registry
+
+        aligned = run_local(cfg, "align", "debug", [f"stack.mlflow_port={cfg.stack.mlflow_port}"])
+        reg = Registry.connect(env_file["MLFLOW_TRACKING_URI"], cfg.registry.model_name)
+        assert reg.aliases() == {"champion": champion, "challenger": aligned["version"]}
+        tags = reg.version(aligned["version"]).tags
+        assert tags["aligned_from"] == champion and tags["align_method"] == cfg.align.method
+        assert tags["reward_source"] == "joined"
     finally:
         if server is not None:
             server.stop()
