@@ -38,9 +38,9 @@ from onerec.stream.ingest import open_ingestor
 from onerec.stream.replay import replay
 
 NOT_BUILT = (
-    "simulated users and the reward joiner in the demo (built: `onerec simulate`, `onerec rewards join`)",
-    "the reward model, RL alignment (the ECPO / GBPO / DPO losses are built) and the align pipeline",
-    "the A/B dashboard",
+    "the feedback loop in the demo (built and tested apart: `onerec simulate`, `onerec rewards join`, "
+    "`onerec pipelines run align`)",
+    "A/B statistics, promotion on a significant lift and the dashboard",
 )
 
 
