@@ -13,10 +13,10 @@ tests/unit/test_pipelines.py recompiles and fails on any difference. Run it with
 from pathlib import Path
 from typing import List
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 
 from components import align_components
-from pipelines.retrain import ENDPOINT_KEYS, ENDPOINTS_CONFIGMAP, FEAST_MOUNT, FEAST_PVC
+from pipelines import on_cluster
 
 NAME = "onerec-align"
 COMPILED = Path(__file__).with_name("align.yaml")
@@ -32,9 +32,6 @@ def align_pipeline(image: str):
         aligned = c.align_model(**cfg, as_of=as_of)
         version = c.register_challenger(**cfg, run_id=aligned.outputs["Output"],
                                         pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        for task in (aligned, version):
-            task.set_caching_options(False)   # each run must read today's rewards and registry
-            kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, {k: k for k in ENDPOINT_KEYS})
-        kubernetes.mount_pvc(aligned, pvc_name=FEAST_PVC, mount_path=FEAST_MOUNT)   # the joined rows
+        on_cluster((aligned, version), feast_task=aligned)           # the joined rows are on the volume
 
     return align

@@ -3,7 +3,7 @@ against the champion -> register; alias `challenger` only when the new model bea
 (registry.margin) or there is none.
 
     retrain = retrain_pipeline(image)           # the pipeline function on one base image
-    compile_retrain("pipelines/retrain.yaml", image)
+    compile_pipeline(cfg, "retrain")            # onerec.pipelines: -> pipelines/retrain.yaml
 
 `retrain.yaml` beside this file is its compiled IR, on the image of the `full` preset;
 tests/unit/test_pipelines.py recompiles and fails on any difference. Run it with
@@ -13,17 +13,12 @@ tests/unit/test_pipelines.py recompiles and fails on any difference. Run it with
 from pathlib import Path
 from typing import List
 
-from kfp import compiler, dsl, kubernetes
+from kfp import dsl
 
 from components import retrain_components
+from pipelines import on_cluster
 
 NAME = "onerec-retrain"
-# On a cluster every step reads the endpoints from the ConfigMap that all onerec workloads use
-# (infra/base) and the Feast repo + offline store from the shared volume (infra/ingestor);
-# kfp.local ignores both (its steps inherit this process's environment).
-ENDPOINTS_CONFIGMAP, FEAST_PVC = "onerec-endpoints", "onerec-feast"
-ENDPOINT_KEYS = ("MLFLOW_TRACKING_URI", "REDIS_URL", "ONEREC_FEAST_DIR")   # the last: the volume's mount path
-FEAST_MOUNT = "/feast"
 COMPILED = Path(__file__).with_name("retrain.yaml")
 
 
@@ -46,14 +41,7 @@ def retrain_pipeline(image: str):
         # on the task's single output: kfp.local resolves `<task>-Output` channels in conditions
         with dsl.Condition(verdict.outputs["Output"] == True, name="beats-champion"):  # noqa: E712
             alias = c.set_challenger(**cfg, version=version.output)
-        for task in (snap, data, tok, train, verdict, version, alias):
-            task.set_caching_options(False)   # each run must read today's features and registry
-            kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, {k: k for k in ENDPOINT_KEYS})
-        kubernetes.mount_pvc(snap, pvc_name=FEAST_PVC, mount_path=FEAST_MOUNT)
+        on_cluster((snap, data, tok, train, verdict, version, alias), feast_task=snap)
 
     return retrain
 
-
-def compile_retrain(path: str | Path, image: str) -> Path:
-    compiler.Compiler().compile(retrain_pipeline(image), str(path))
-    return Path(path)

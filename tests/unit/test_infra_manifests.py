@@ -155,7 +155,7 @@ def test_pytorchjob_trains_with_onerec_train_on_every_replica_and_shared_volumes
     import sys
 
     sys.path.insert(0, str(PROJECT_ROOT))
-    from pipelines.retrain import FEAST_MOUNT, FEAST_PVC
+    from pipelines import FEAST_MOUNT, FEAST_PVC
 
     (job,) = [d for d in _docs(INFRA / "pipelines/pytorchjob-train.yaml") if d["kind"] == "PyTorchJob"]
     specs = job["spec"]["pytorchReplicaSpecs"]

@@ -65,7 +65,7 @@ def test_no_task_is_cached(tmp_path):
 
 
 def test_on_a_cluster_every_step_reads_the_endpoints_configmap_and_the_snapshot_mounts_feast(tmp_path):
-    from pipelines.retrain import ENDPOINT_KEYS, ENDPOINTS_CONFIGMAP, FEAST_MOUNT, FEAST_PVC
+    from pipelines import ENDPOINT_KEYS, ENDPOINTS_CONFIGMAP, FEAST_MOUNT, FEAST_PVC
 
     from onerec.endpoints import MLFLOW_TRACKING_URI, REDIS_URL
     from onerec.features.store import FEAST_DIR_VAR
