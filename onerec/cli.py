@@ -135,10 +135,11 @@ def cmd_rewards_join(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_rewards_show(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.ab import ab_report
     from onerec.stream.rewards import ab_arms, load_rewards
 
-    rows = load_rewards(cfg)
-    emit_figures({"offline_rows": len(rows), "arms": ab_arms(_redis(cfg))}, args.json)
+    rows, arms = load_rewards(cfg), ab_arms(_redis(cfg))
+    emit_figures({"offline_rows": len(rows), "arms": arms, "ab": ab_report(arms)}, args.json)
     return 0
 
 
