@@ -352,9 +352,10 @@ class SimulateConfig:
     response_l2: float        # L2 on factors and biases, per rating
     response_lr: float        # Adam learning rate (full batch)
     response_epochs: int      # at most; early stop on a random 5 % of the ratings
+    ab_min_exposures: int     # the A/B test decides nothing before this many exposures per arm
 
     def validate(self, key: str) -> None:
-        for name in ("users", "sessions_per_user", "k", "response_dim", "response_epochs"):
+        for name in ("users", "sessions_per_user", "k", "response_dim", "response_epochs", "ab_min_exposures"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
         _check(self.max_rate_per_s > 0, f"{key}.max_rate_per_s", "must be > 0")
         _check(self.response_l2 >= 0 and self.response_lr > 0, f"{key}.response_l2",

@@ -38,9 +38,7 @@ from onerec.stream.ingest import open_ingestor
 from onerec.stream.replay import replay
 
 NOT_BUILT = (
-    "the feedback loop in the demo (built and tested apart: `onerec simulate`, `onerec rewards join`, "
-    "`onerec pipelines run align`)",
-    "A/B statistics, promotion on a significant lift and the dashboard",
+    "the A/B dashboard for product teams (issue 9)",
 )
 
 
@@ -50,14 +48,14 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     figures: dict = {"preset": cfg.preset, "dataset": cfg.data.dataset}
     started = time.monotonic()
 
-    progress("1/8 embedded stack up (Kafka, Redis, MLflow)")
+    progress("1/9 embedded stack up (Kafka, Redis, MLflow)")
     statuses = stack.up(cfg, progress)
     print(stack.format_status(statuses))
     figures["stack_healthy_s"] = round(time.monotonic() - started, 1)
     endpoints = resolve_endpoints(cfg.stack.state_dir)
     bootstrap = endpoints.require(KAFKA_BOOTSTRAP)
 
-    progress("2/8 load and split the data set")
+    progress("2/9 load and split the data set")
     dataset = load_dataset(cfg.data)
     stats = describe(dataset)
     print(format_table(stats))
@@ -68,12 +66,12 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
                    history_events=len(online.history), live_events=len(online.live),
                    holdout_events=len(online.holdout), t0=online.t0)
 
-    progress("3/8 Feast: apply feature_repo/, backfill the history, materialize online")
+    progress("3/9 Feast: apply feature_repo/, backfill the history, materialize online")
     print("applied: " + ", ".join(feast_store.apply_repo(cfg)))
     redis_client = redis.Redis.from_url(endpoints.require(REDIS_URL))
     figures.update({f"backfill_{k}": v for k, v in backfill(cfg, redis_client).items()})
 
-    progress(f"4/8 replay the live stream to Kafka `{cfg.kafka.user_events.name}` and ingest it into Feast")
+    progress(f"4/9 replay the live stream to Kafka `{cfg.kafka.user_events.name}` and ingest it into Feast")
     replayed = replay(cfg, bootstrap, speed=None)
     figures.update(replay_published=replayed["published"], replay_events_per_s=replayed["events_per_s"])
     ingestor = open_ingestor(cfg)
@@ -82,7 +80,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     figures.update({f"ingest_{k}": v for k, v in ingested.as_dict().items() if k != "dlq_reasons"})
     figures["ingest_seconds"] = round(time.monotonic() - t, 1)  # group join and 5 s idle wait included
 
-    progress("5/8 read one user's features from the online store (FeatureService recommender_online)")
+    progress("5/9 read one user's features from the online store (FeatureService recommender_online)")
     user = int(online.live["user_id"].iloc[-1])
     store = feast_store.open_store(cfg)
     row = store.get_online_features(features=store.get_feature_service(ONLINE_SERVICE),
@@ -92,7 +90,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
         print(f"  {name:20s} {value[-5:] if isinstance(value, list) else value}")
     figures["sample_user"], figures["sample_user_event_count"] = user, row["event_count"][0]
 
-    progress("6/8 retrain pipeline (kfp.local): feature snapshot -> tokenizer -> train OneRec -> evaluate "
+    progress("6/9 retrain pipeline (kfp.local): feature snapshot -> tokenizer -> train OneRec -> evaluate "
              "against the champion -> register in MLflow")
     retrained = run_local(cfg, "retrain", preset or cfg.preset, list(overrides))
     figures.update({f"retrain_{k}": v for k, v in retrained.items() if k not in ("pipeline", "pipeline_root")})
@@ -102,7 +100,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     print(f"  OneRec {cfg.model.arch} on the snapshot's test users: Recall@10 "
           f"{retrained['test_metrics']['test_recall@10']:.4f} NDCG@10 {retrained['test_metrics']['test_ndcg@10']:.4f}")
 
-    progress("7/8 serve the sample user through the KServe predictor (in process: registry champion, Feast online)")
+    progress("7/9 serve the sample user through the KServe predictor (in process: registry champion, Feast online)")
     OneRecPredictor = predictor_class()  # noqa: N806 - a class
     from onerec.exposures import ExposureLog
 
@@ -119,7 +117,18 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     figures.update(served_items=served["items"], served_model_version=served["model_version"],
                    served_fallback=served["fallback"], served_exposures_sent=exposures.sent)
 
-    progress("8/8 record the run in MLflow")
+    progress("8/9 the closed loop: serve over HTTP -> simulated users react -> rewards -> align pipeline -> "
+             "A/B 50/50 -> promote if significant -> rollback drill")
+    from onerec.loop import closed_loop
+
+    figures.update(closed_loop(cfg, preset or cfg.preset, list(overrides), progress))
+    ab = figures["ab"] or {}
+    print(f"  A/B {figures['ab_experiment']}: reward per exposure champion {ab.get('mean_control', float('nan')):.3f} vs "
+          f"aligned challenger {ab.get('mean_treatment', float('nan')):.3f}, 95% CI of the difference "
+          f"[{ab.get('ci_low', float('nan')):.3f}, {ab.get('ci_high', float('nan')):.3f}] -> {figures['ab_decision']}; "
+          f"champion now v{figures['champion_after_ab']}; rollback drill {figures['rollback_drill']}")
+
+    progress("9/9 record the run in MLflow")
     figures["mlflow_run_id"] = _log_to_mlflow(cfg, endpoints.require(MLFLOW_TRACKING_URI), figures)
 
     figures["seconds"] = round(time.monotonic() - started, 1)

@@ -58,15 +58,20 @@ class RecRequest:
     user_id: int
     k: int
     request_id: str
+    log_exposure: bool = True     # False: a synthetic probe (health check, drill); no exposure, no A/B count
+
+
+FIELDS = ("user_id", "k", "request_id", "log_exposure")
 
 
 def parse_request(payload: object, cfg: ServingConfig) -> RecRequest:
-    """{"user_id": int, "k": int (optional), "request_id": str (optional)} -> RecRequest."""
+    """{"user_id": int, "k": int, "request_id": str, "log_exposure": bool} (all but user_id
+    optional) -> RecRequest."""
     if not isinstance(payload, Mapping):
         raise RequestError(f"a request must be an object like {{\"user_id\": 42}}, got {type(payload).__name__}")
-    unknown = sorted(set(payload) - {"user_id", "k", "request_id"})
+    unknown = sorted(set(payload) - set(FIELDS))
     if unknown:
-        raise RequestError(f"unknown field(s) {', '.join(unknown)}; allowed: user_id, k, request_id")
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
     user = payload.get("user_id")
     if isinstance(user, bool) or not isinstance(user, int) or user < 0:
         raise RequestError(f"user_id must be a non-negative integer, got {user!r}")
@@ -76,7 +81,10 @@ def parse_request(payload: object, cfg: ServingConfig) -> RecRequest:
     request_id = payload.get("request_id") or uuid.uuid4().hex
     if not isinstance(request_id, str) or len(request_id) > 128:
         raise RequestError("request_id must be a string of at most 128 characters")
-    return RecRequest(user, k, request_id)
+    log_exposure = payload.get("log_exposure", True)
+    if not isinstance(log_exposure, bool):
+        raise RequestError(f"log_exposure must be true or false, got {log_exposure!r}")
+    return RecRequest(user, k, request_id, log_exposure)
 
 
 # --------------------------------------------------------------------------- A/B routing

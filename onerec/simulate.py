@@ -37,12 +37,14 @@ Recommend = Callable[[int, int, str], dict]      # (user, k, request id) -> one 
 Send = Callable[[UserEvent], None]
 
 
-def http_recommender(url: str, model_name: str, timeout_s: float = 10.0) -> Recommend:
-    """POST {url}/v1/models/{model_name}:predict for one user -> its prediction dict."""
+def http_recommender(url: str, model_name: str, timeout_s: float = 10.0, log_exposure: bool = True) -> Recommend:
+    """POST {url}/v1/models/{model_name}:predict for one user -> its prediction dict
+    (log_exposure=False: a probe, not logged as an exposure)."""
     endpoint = f"{url.rstrip('/')}/v1/models/{model_name}:predict"
 
     def recommend(user: int, k: int, request_id: str) -> dict:
-        body = json.dumps({"instances": [{"user_id": user, "k": k, "request_id": request_id}]}).encode()
+        row = {"user_id": user, "k": k, "request_id": request_id, **({} if log_exposure else {"log_exposure": False})}
+        body = json.dumps({"instances": [row]}).encode()
         req = urllib.request.Request(endpoint, body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             (prediction,) = json.loads(resp.read())["predictions"]

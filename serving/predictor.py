@@ -1,7 +1,8 @@
 """The KServe predictor: a kserve.Model over onerec.serve (all logic lives there).
 
 KServe v1 (`POST /v1/models/<name>:predict`):
-    {"instances": [{"user_id": 42, "k": 10, "request_id": "r-1"}, ...]}
+    {"instances": [{"user_id": 42, "k": 10, "request_id": "r-1"}, ...]}   (+ "log_exposure": false
+    for a synthetic probe: answered, but neither logged as an exposure nor counted in an A/B test)
  -> {"predictions": [{"request_id", "user_id", "items", "scores", "semantic_ids", "variant",
                       "model_version", "fallback"}, ...]}
 Open Inference Protocol v2 (`POST /v2/models/<name>/infer`): inputs `user_id` INT64 [B] and
@@ -158,7 +159,7 @@ class OneRecPredictor(kserve.Model):
             raise ServerNotReady(str(exc)) from None      # 503: the client retries (with backoff)
         recs = await asyncio.wrap_future(pending)
         if self.exposures is not None:
-            self.exposures.publish(recs)
+            self.exposures.publish([rec for rec, req in zip(recs, requests) if req.log_exposure])
         return recs
 
     @staticmethod

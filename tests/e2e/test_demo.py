@@ -39,6 +39,22 @@ def test_demo_runs_end_to_end_and_reports_figures(tmp_path, capsys):
         assert figures["served_model_version"] == "1" and figures["served_fallback"] is None
         assert len(set(figures["served_items"])) == 5 and figures["served_exposures_sent"] == 1
 
+        # the closed loop: feedback joined, an aligned challenger, an A/B test over HTTP, a drill
+        assert figures["feedback_requests"] > 0 and figures["feedback_request_errors"] == 0
+        # every simulated request is a joined row, and the sample user of step 7 too (no reaction)
+        assert figures["feedback_join_rows_written"] == figures["feedback_requests"] + figures["served_exposures_sent"]
+        assert figures["feedback_join_matched"] == figures["feedback_reactions"]
+        assert figures["align_version"] == "2" and figures["ab_request_errors"] == 0
+        arms = figures["ab_by_variant"]
+        assert len(arms) == 2 and {a.split("/")[1] for a in arms} == {"v1", "v2"}   # both models served
+        assert figures["ab_join_rows"] == figures["ab_requests"] and figures["ab"]["n_control"] >= 2
+        assert figures["ab_decision"] in ("promote", "keep", "wait")
+        assert figures["champion_after_ab"] == ("2" if figures["ab_decision"] == "promote" else "1")
+        if figures["ab_decision"] == "promote":       # a drill needs an earlier champion to go back to
+            assert figures["rollback_drill"] == "v2 -> v1 -> v2" and figures["rollback_serving_s"] < 10
+        else:
+            assert figures["rollback_drill"].startswith("skipped")
+
         import mlflow
         run = mlflow.MlflowClient(f"http://127.0.0.1:{cfg.stack.mlflow_port}").get_run(figures["mlflow_run_id"])
         assert run.data.metrics["live_events"] == figures["live_events"]

@@ -121,6 +121,7 @@ def test_feature_store_down_is_a_flagged_fallback_not_an_error(served):
     ({}, "instances"),
     ({"instances": []}, "instances"),
     ({"instances": [{"user": 1}]}, "unknown field(s) user"),
+    ({"instances": [{"user_id": 1, "log_exposure": "no"}]}, "log_exposure must be true or false"),
     ({"instances": [{"user_id": "7"}]}, "user_id must be a non-negative integer"),
     ({"instances": [{"user_id": 1, "k": 0}]}, "k must be an integer in 1..10"),
     ({"instances": [{"user_id": 1, "k": 11}]}, "k must be an integer in 1..10"),
@@ -291,6 +292,22 @@ def test_every_response_is_logged_as_an_exposure_with_positions(served):
         assert value["request_id"] == rec["request_id"] and value["variant"] == rec["variant"]
         assert value["model_version"] == rec["model_version"] and value["schema_version"] == 1
         assert [(i["item_id"], i["position"]) for i in value["items"]] == list(zip(rec["items"], range(4)))
+
+
+def test_a_probe_is_answered_but_not_logged_as_an_exposure(served):
+    from onerec.exposures import ExposureLog
+
+    _, _, histories, _, _ = served
+    producer = FakeProducer()
+    log = ExposureLog("kafka:9092", "exposures", producer_factory=lambda _: producer)
+    p = predictor(served)
+    p.exposures = log
+    user = next(iter(histories))
+    recs = ask(p, {"instances": [{"user_id": user, "request_id": "probe", "log_exposure": False},
+                                 {"user_id": user, "request_id": "real"}]})["predictions"]
+    _wait(lambda: len(producer.records) == 1)
+    log.close()
+    assert len(recs) == 2 and [value["request_id"] for _, _, value in producer.records] == ["real"]
 
 
 def test_kafka_down_never_fails_a_request_and_counts_the_drops(served):
