@@ -8,7 +8,9 @@ semantic-ID tokenizer, OneRec trained and tracked in MLflow, evaluated against t
 champion on the snapshot's leave-last-out test items, registered, aliased `challenger` (and
 `champion` on a first run) only if it beats the champion); the KServe predictor, in process,
 serving one user from the registry's champion and Feast online, its exposure sent to Kafka;
-an MLflow run recording the figures.
+the closed loop (onerec/loop.py: HTTP predictor, simulated feedback, rewards, the align
+pipeline, an A/B test, promotion if significant, a rollback drill); an MLflow run recording
+the figures.
 Not built yet (said so at the end, never faked): NOT_BUILT.
 
 The OneRec figures are the pipeline's: trained and tested on the feature store's sequences
