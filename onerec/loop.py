@@ -54,7 +54,7 @@ def closed_loop(cfg: Config, preset: str, overrides: list[str], progress: Callab
     from onerec.pipelines import run_local
     from onerec.registry import CHAMPION, Registry, RegistryError
     from onerec.serve import ABConfig
-    from onerec.simulate import http_recommender, simulate
+    from onerec.simulate import fit_population, http_recommender, simulate
     from onerec.stream.rewards import RewardJoiner, ab_arms
     from serving.process import ServerProcess
 
@@ -79,7 +79,8 @@ def closed_loop(cfg: Config, preset: str, overrides: list[str], progress: Callab
     with ServerProcess(args, env, state / "logs" / f"predictor-{tag}.log", cfg.registry.model_name) as server:
         recommend = http_recommender(server.url, cfg.registry.model_name, log_exposure=False)   # probes
         progress(f"  the champion v{champion} serves simulated users over HTTP ({server.url})")
-        before = simulate(cfg, server.url, bootstrap)
+        population = fit_population(cfg)                          # both rounds: the same simulated users
+        before = simulate(cfg, server.url, bootstrap, population=population)
         figures.update({f"feedback_{k}": before[k] for k in ("requests", "request_errors", "reactions",
                                                              "real_share", "response_auc", "popularity_auc")})
         figures.update({f"feedback_join_{k}": v for k, v in join().items()})
@@ -94,7 +95,7 @@ def closed_loop(cfg: Config, preset: str, overrides: list[str], progress: Callab
         split = ABConfig.parse(yaml.safe_load(ab_file.read_text()), str(ab_file))
         probe = {v: next(u for u in range(1, 10**6) if split.assign(u).name == v) for v in (control, treatment)}
         figures["ab_challenger_loaded_s"] = wait_for_version(recommend, probe[treatment], challenger)
-        during = simulate(cfg, server.url, bootstrap)
+        during = simulate(cfg, server.url, bootstrap, population=population)
         figures.update({f"ab_{k}": during[k] for k in ("requests", "request_errors", "reactions", "by_variant")})
         figures.update({f"ab_join_{k}": v for k, v in join().items() if k in ("rows", "matched", "late", "unmatched")})
         report = ab_report(ab_arms(redis_client), control, treatment, min_n=cfg.simulate.ab_min_exposures)

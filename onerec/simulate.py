@@ -120,33 +120,41 @@ class Simulator:
         return report
 
 
-def simulate(cfg, url: str, bootstrap: str, progress: bool = True) -> dict:
-    """The whole command: fit the response model on the seen ratings, calibrate it on the
-    holdout, simulate cfg.simulate.users users against the predictor at `url`, publish reactions."""
-    from kafka import KafkaProducer
-
+def fit_population(cfg, progress: bool = True) -> dict:
+    """What every simulation of cfg's data set shares: the seen ratings' users, the holdout, and
+    the response model fitted on the seen ratings with its calibration on the holdout."""
     from onerec.data import load_dataset, online_split
     from onerec.rl.response import calibration
 
-    if cfg.simulate.k > cfg.serving.max_k:
-        raise ValueError(f"simulate.k={cfg.simulate.k} is above serving.max_k={cfg.serving.max_k}")
     split = online_split(load_dataset(cfg.data).interactions, cfg.data)
     seen = pd.concat([split.history, split.live])
     if split.holdout.empty:
         raise ValueError("data.holdout_fraction is 0: the simulator needs held-out real ratings")
     response = ResponseModel.fit(seen, cfg.simulate, cfg.seed, progress=progress)
-    calibrated = calibration(response, seen, split.holdout)
+    return {"users": sorted(seen["user_id"].unique()), "holdout": split.holdout, "response": response,
+            "calibration": calibration(response, seen, split.holdout)}
+
+
+def simulate(cfg, url: str, bootstrap: str, progress: bool = True, population: dict | None = None) -> dict:
+    """The whole command: simulate cfg.simulate.users users against the predictor at `url` and
+    publish their reactions (population: a `fit_population` result to reuse across rounds)."""
+    from kafka import KafkaProducer
+
+    if cfg.simulate.k > cfg.serving.max_k:
+        raise ValueError(f"simulate.k={cfg.simulate.k} is above serving.max_k={cfg.serving.max_k}")
+    population = population or fit_population(cfg, progress)
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5)
     futures = []
     try:
-        sim = Simulator(cfg.simulate, response, split.holdout, http_recommender(url, cfg.registry.model_name),
+        sim = Simulator(cfg.simulate, population["response"], population["holdout"],
+                        http_recommender(url, cfg.registry.model_name),
                         lambda e: futures.append(producer.send(cfg.kafka.user_events.name,
                                                                key=str(e.user_id).encode(), value=e.to_json())),
                         cfg.seed)
-        report = sim.run(sim.pick_users(sorted(seen["user_id"].unique())), progress=progress)
+        report = sim.run(sim.pick_users(population["users"]), progress=progress)
         producer.flush()
         for future in futures:
             future.get(timeout=30)                 # a reaction Kafka did not take is an error, not a silent loss
     finally:
         producer.close()
-    return {**report, "published": len(futures), **calibrated, "run_id": sim.run_id}
+    return {**report, "published": len(futures), **population["calibration"], "run_id": sim.run_id}
