@@ -274,14 +274,20 @@ def _wait(predicate, timeout_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_every_response_is_logged_as_an_exposure_with_positions(served):
+def logged_predictor(served):
+    """A predictor whose exposures go to a FakeProducer -> (predictor, producer, exposure log)."""
     from onerec.exposures import ExposureLog
 
-    _, _, histories, _, _ = served
     producer = FakeProducer()
     log = ExposureLog("kafka:9092", "exposures", producer_factory=lambda _: producer)
     p = predictor(served)
     p.exposures = log
+    return p, producer, log
+
+
+def test_every_response_is_logged_as_an_exposure_with_positions(served):
+    _, _, histories, _, _ = served
+    p, producer, log = logged_predictor(served)
     users = list(histories)[:3]
     recs = ask(p, {"instances": [{"user_id": u, "k": 4, "request_id": f"r{u}"} for u in users]})["predictions"]
     _wait(lambda: len(producer.records) == 3)
@@ -295,13 +301,8 @@ def test_every_response_is_logged_as_an_exposure_with_positions(served):
 
 
 def test_a_probe_is_answered_but_not_logged_as_an_exposure(served):
-    from onerec.exposures import ExposureLog
-
     _, _, histories, _, _ = served
-    producer = FakeProducer()
-    log = ExposureLog("kafka:9092", "exposures", producer_factory=lambda _: producer)
-    p = predictor(served)
-    p.exposures = log
+    p, producer, log = logged_predictor(served)
     user = next(iter(histories))
     recs = ask(p, {"instances": [{"user_id": user, "request_id": "probe", "log_exposure": False},
                                  {"user_id": user, "request_id": "real"}]})["predictions"]
