@@ -123,16 +123,13 @@ class Simulator:
 def fit_population(cfg, progress: bool = True) -> dict:
     """What every simulation of cfg's data set shares: the seen ratings' users, the holdout, and
     the response model fitted on the seen ratings with its calibration on the holdout."""
-    from onerec.data import load_dataset, online_split
+    from onerec.rl.offline import seen_and_holdout
     from onerec.rl.response import calibration
 
-    split = online_split(load_dataset(cfg.data).interactions, cfg.data)
-    seen = pd.concat([split.history, split.live])
-    if split.holdout.empty:
-        raise ValueError("data.holdout_fraction is 0: the simulator needs held-out real ratings")
+    seen, holdout, _ = seen_and_holdout(cfg)
     response = ResponseModel.fit(seen, cfg.simulate, cfg.seed, progress=progress)
-    return {"users": sorted(seen["user_id"].unique()), "holdout": split.holdout, "response": response,
-            "calibration": calibration(response, seen, split.holdout)}
+    return {"users": sorted(seen["user_id"].unique()), "holdout": holdout, "response": response,
+            "calibration": calibration(response, seen, holdout)}
 
 
 def simulate(cfg, url: str, bootstrap: str, progress: bool = True, population: dict | None = None) -> dict:

@@ -38,7 +38,7 @@ def seen_and_holdout(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
     split = online_split(ds.interactions, cfg.data)
     seen = pd.concat([split.history, split.live]).sort_values(["user_id", "timestamp"], kind="stable")
     if split.holdout.empty:
-        raise ValueError("data.holdout_fraction is 0: the offline check needs held-out real ratings")
+        raise ValueError("data.holdout_fraction is 0: simulated users and the offline check need held-out real ratings")
     return seen.reset_index(drop=True), split.holdout, ds.items
 
 
