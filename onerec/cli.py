@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -135,11 +137,50 @@ def cmd_rewards_join(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_rewards_show(cfg: Config, args: argparse.Namespace) -> int:
-    from onerec.ab import ab_report
-    from onerec.stream.rewards import ab_arms, load_rewards
+    from onerec.abtest.store import ABStore
+    from onerec.endpoints import ab_store_url
+    from onerec.stream.rewards import load_rewards
 
-    rows, arms = load_rewards(cfg), ab_arms(_redis(cfg))
-    emit_figures({"offline_rows": len(rows), "arms": arms, "ab": ab_report(arms)}, args.json)
+    experiments = ABStore.open(ab_store_url(cfg.stack.state_dir)).experiments()
+    emit_figures({"offline_rows": len(load_rewards(cfg)), "experiments": experiments}, args.json)
+    return 0
+
+
+def cmd_abtest_report(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.abtest.dashboard import open_dashboard
+
+    try:
+        card = open_dashboard(cfg, args.metrics_url).card(args.experiment)
+    except KeyError as exc:
+        print(f"error: {str(exc).strip(chr(39))}", file=sys.stderr)
+        return 2
+    _progress(f"{card['experiment']}: {card['decision']} ({card['decision_reason']})")
+    emit_figures(card, args.json)
+    return 0
+
+
+def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from onerec.abtest.dashboard import create_app, open_dashboard
+
+    host, port = args.host or cfg.abtest.dashboard_host, args.port or cfg.abtest.dashboard_port
+    _progress(f"A/B dashboard on http://{host}:{port}/ ({'actions need the token' if cfg.abtest.action_token else 'read-only'})")
+    uvicorn.run(create_app(open_dashboard(cfg, args.metrics_url)), host=host, port=port, log_level="warning")
+    return 0
+
+
+def cmd_guardrail_watch(cfg: Config, args: argparse.Namespace) -> int:
+    from onerec.abtest.guardrail import open_watcher
+
+    watcher, stop = open_watcher(cfg, args.metrics_url), threading.Event()
+    if args.once:
+        emit_figures(watcher.check(), args.json)
+        return 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    _progress(f"watching the champion of '{cfg.registry.model_name}' every {cfg.abtest.watch_interval_s:g} s")
+    watcher.run(stop, on_look=lambda look: _progress(json.dumps(look, default=str)) if look["state"] != "idle" else None)
     return 0
 
 
@@ -299,8 +340,29 @@ def build_parser() -> argparse.ArgumentParser:
     p_join.add_argument("--max-rows", type=int, metavar="N", help="stop after N rows")
     p_join.set_defaults(func=cmd_rewards_join)
     rewards_sub.add_parser("show", parents=[common, json_out],
-                           help="joined rows in the offline store, per-arm sums in the A/B store").set_defaults(
+                           help="joined rows in the offline store, experiments in the A/B store").set_defaults(
                                func=cmd_rewards_show)
+
+    metrics = argparse.ArgumentParser(add_help=False)
+    metrics.add_argument("--metrics-url", default=os.environ.get("ONEREC_PREDICTOR_METRICS_URL"),
+                         help="the predictor's Prometheus metrics, for the error-rate guardrail "
+                              "[ONEREC_PREDICTOR_METRICS_URL; unset: not checked]")
+    p_abtest = sub.add_parser("abtest", help="A/B experiments: the scorecard")
+    abtest_sub = p_abtest.add_subparsers(dest="action", required=True)
+    p_report = abtest_sub.add_parser("report", parents=[common, json_out, metrics],
+                                     help="one experiment's scorecard (what the dashboard shows) as JSON")
+    p_report.add_argument("experiment")
+    p_report.set_defaults(func=cmd_abtest_report)
+    p_dash = sub.add_parser("dashboard", parents=[common, metrics], help="the A/B dashboard (web) and its JSON API")
+    p_dash.add_argument("--host", help="[abtest.dashboard_host]")
+    p_dash.add_argument("--port", type=int, help="[abtest.dashboard_port]")
+    p_dash.set_defaults(func=cmd_dashboard)
+    p_guard = sub.add_parser("guardrail", help="the automatic guardrail on newly promoted champions")
+    guard_sub = p_guard.add_subparsers(dest="action", required=True)
+    p_watch = guard_sub.add_parser("watch", parents=[common, json_out, metrics],
+                                   help="roll a newly promoted champion back when it breaches a guardrail")
+    p_watch.add_argument("--once", action="store_true", help="one look, print it, exit")
+    p_watch.set_defaults(func=cmd_guardrail_watch)
 
     p_align = sub.add_parser("align", parents=[common, json_out],
                              help="align a saved model with a reward model (align.method), check it on held-out ratings")

@@ -352,10 +352,9 @@ class SimulateConfig:
     response_l2: float        # L2 on factors and biases, per rating
     response_lr: float        # Adam learning rate (full batch)
     response_epochs: int      # at most; early stop on a random 5 % of the ratings
-    ab_min_exposures: int     # the A/B test decides nothing before this many exposures per arm
 
     def validate(self, key: str) -> None:
-        for name in ("users", "sessions_per_user", "k", "response_dim", "response_epochs", "ab_min_exposures"):
+        for name in ("users", "sessions_per_user", "k", "response_dim", "response_epochs"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
         _check(self.max_rate_per_s > 0, f"{key}.max_rate_per_s", "must be > 0")
         _check(self.response_l2 >= 0 and self.response_lr > 0, f"{key}.response_l2",
@@ -368,12 +367,10 @@ class RewardsConfig:
     group_id: str             # its Kafka consumer group (run several: they share partitions)
     window_s: float           # how long after it was served an exposure collects reactions
     flush_s: float            # how often closed rows are written and offsets committed
-    done_ttl_s: int           # how long the A/B store remembers a counted request id (redeliveries)
 
     def validate(self, key: str) -> None:
         _check(bool(self.group_id), f"{key}.group_id", "must be a non-empty string")
         _check(self.window_s > 0 and self.flush_s > 0, f"{key}.window_s", "window_s and flush_s must be > 0")
-        _check(self.done_ttl_s > self.window_s, f"{key}.done_ttl_s", "must be longer than the window")
 
 
 @dataclass(frozen=True)
@@ -419,6 +416,40 @@ class AlignConfig:
 
 
 @dataclass(frozen=True)
+class ABTestConfig:
+    """A/B tests (onerec/abtest/): the SQL store, the scorecard's statistics, the dashboard and the
+    guardrail watcher. The store's URL is an endpoint: AB_STORE_URL, else SQLite under stack.state_dir."""
+    primary_metric: Literal["reward_per_user", "watch_time_per_user"]
+    alpha: float              # two-sided; the CIs are (1 - alpha)
+    min_users: int            # per variant, before the scorecard gives a verdict
+    pre_period_days: float    # CUPED: each user's activity this long before the experiment's first exposure
+    cuped: bool
+    msprt_tau: float          # the always-valid p-value's mixture scale, in units of the primary metric
+    max_p99_latency_ms: float # guardrails, per variant
+    max_error_rate: float     # the predictor's refused / failed requests (from its metrics), overall
+    max_fallback_rate: float  # recommendations that fell back to the popular items, per variant
+    dashboard_host: str
+    dashboard_port: int
+    refresh_s: int            # the dashboard page reloads itself this often
+    action_token: str         # promote / rollback from the dashboard need it; "" = read-only
+    watch: bool               # the automatic guardrail: roll a newly promoted champion back on a breach
+    watch_interval_s: float
+    watch_min_requests: int   # requests served by the new champion before the watcher judges it
+    watch_for_s: float        # how long after a promotion the watcher keeps judging the new champion
+
+    def validate(self, key: str) -> None:
+        _check(0 < self.alpha < 1, f"{key}.alpha", "must be in (0, 1)")
+        for name in ("min_users", "watch_min_requests"):
+            _check(getattr(self, name) >= 2, f"{key}.{name}", "must be >= 2")
+        for name in ("pre_period_days", "msprt_tau", "max_p99_latency_ms", "watch_interval_s", "watch_for_s"):
+            _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        for name in ("max_error_rate", "max_fallback_rate"):
+            _check(0 <= getattr(self, name) <= 1, f"{key}.{name}", "must be in [0, 1]")
+        _check(1 <= self.dashboard_port < 65536 and self.refresh_s >= 1, f"{key}.dashboard_port",
+               "dashboard_port must be a TCP port and refresh_s >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str
     seed: int
@@ -438,6 +469,7 @@ class Config:
     rewards: RewardsConfig
     reward_model: RewardModelConfig
     align: AlignConfig
+    abtest: ABTestConfig
 
 
 # --------------------------------------------------------------------------- building

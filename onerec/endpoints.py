@@ -15,6 +15,8 @@ KAFKA_BOOTSTRAP = "KAFKA_BOOTSTRAP"
 REDIS_URL = "REDIS_URL"
 MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
 ENDPOINT_VARS = (KAFKA_BOOTSTRAP, REDIS_URL, MLFLOW_TRACKING_URI)
+AB_STORE_URL = "AB_STORE_URL"          # the A/B store (SQLAlchemy URL); default: SQLite in the state dir
+AB_STORE_FILE = "ab.db"
 
 
 class EndpointError(RuntimeError):
@@ -62,3 +64,8 @@ def resolve_endpoints(state_dir: str | Path) -> Endpoints:
     values = {var: os.environ.get(var) or from_file.get(var) for var in ENDPOINT_VARS}
     source = f"environment, then {env_file}" + ("" if from_file else " (absent)")
     return Endpoints(values[KAFKA_BOOTSTRAP], values[REDIS_URL], values[MLFLOW_TRACKING_URI], source)
+
+
+def ab_store_url(state_dir: str | Path) -> str:
+    """AB_STORE_URL (Postgres on a cluster), else the SQLite file in the stack's state directory."""
+    return os.environ.get(AB_STORE_URL) or f"sqlite:///{(Path(state_dir) / AB_STORE_FILE).resolve()}"

@@ -9,8 +9,10 @@ failing a request.
 KafkaProducer (keyed by user, so a user's exposures stay in order). While Kafka is down the
 producer's sends fail or time out: those records are dropped and counted (`dropped`), the
 thread backs off and reconnects, and requests go on being served. An exposure (JSON):
-    {"schema_version": 1, "request_id", "user_id", "variant", "model_version", "fallback",
-     "time_ms", "items": [{"item_id", "position", "score"}, ...]}
+    {"schema_version": 1, "request_id", "user_id", "experiment", "variant", "model_version", "fallback",
+     "time_ms", "latency_ms", "items": [{"item_id", "position", "score"}, ...]}
+`experiment` ('' = none running) and `latency_ms` (the request's time in the predictor, null when not
+measured) were added later within version 1; readers take them as optional.
 The reward joiner (issue 8) joins users' later events to these by request id / user and item.
 """
 from __future__ import annotations
@@ -29,10 +31,10 @@ EXPOSURE_SCHEMA_VERSION = 1
 EXPOSURES = Counter("onerec_serving_exposures", "exposures by outcome", ["outcome"])  # sent | dropped
 
 
-def exposure_record(rec, time_ms: int) -> dict:
+def exposure_record(rec, time_ms: int, latency_ms: float | None = None) -> dict:
     return {"schema_version": EXPOSURE_SCHEMA_VERSION, "request_id": rec.request_id, "user_id": rec.user_id,
-            "variant": rec.variant, "model_version": rec.model_version, "fallback": rec.fallback,
-            "time_ms": time_ms, "items": [{"item_id": int(i), "position": p, "score": float(s)}
+            "experiment": rec.experiment, "variant": rec.variant, "model_version": rec.model_version,
+            "fallback": rec.fallback, "time_ms": time_ms, "latency_ms": latency_ms, "items": [{"item_id": int(i), "position": p, "score": float(s)}
                                           for p, (i, s) in enumerate(zip(rec.items, rec.scores))]}
 
 
@@ -54,13 +56,13 @@ class ExposureLog:
         self._thread = threading.Thread(target=self._drain, name="exposure-log", daemon=True)
         self._thread.start()
 
-    def publish(self, recommendations: Sequence, time_ms: int | None = None) -> int:
+    def publish(self, recommendations: Sequence, time_ms: int | None = None, latency_ms: float | None = None) -> int:
         """Queue one exposure per recommendation -> how many were dropped (buffer full)."""
         now = int(time.time() * 1000) if time_ms is None else time_ms
         dropped = 0
         for rec in recommendations:
             try:
-                self.buffer.put_nowait(exposure_record(rec, now))
+                self.buffer.put_nowait(exposure_record(rec, now, latency_ms))
             except queue.Full:
                 dropped += 1
         self._count_dropped(dropped)

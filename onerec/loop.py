@@ -1,7 +1,8 @@
 """The closed loop, `make demo`'s second half: the champion serves simulated users over HTTP,
 their reactions become rewards, the align pipeline turns them into a challenger, an A/B test
-splits users 50/50, the challenger is promoted if its lift is significant, and a rollback drill
-checks that on-call can undo a model within seconds.
+splits users 50/50, the challenger is promoted if the scorecard says ship (onerec/abtest/), the
+automatic guardrail watches the champion from then on, and a rollback drill checks that on-call
+can undo a model within seconds.
 
     figures = closed_loop(cfg, preset, overrides, progress)
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from onerec.config import Config
-from onerec.endpoints import KAFKA_BOOTSTRAP, MLFLOW_TRACKING_URI, REDIS_URL, resolve_endpoints
+from onerec.endpoints import KAFKA_BOOTSTRAP, MLFLOW_TRACKING_URI, REDIS_URL, ab_store_url, resolve_endpoints
 
 SWITCH_TIMEOUT_S = 60.0       # a model swap the predictor must show within this
 
@@ -48,19 +49,20 @@ def wait_for_version(recommend: Callable, user: int, version: str, timeout_s: fl
 
 
 def closed_loop(cfg: Config, preset: str, overrides: list[str], progress: Callable[[str], None]) -> dict:
-    import redis
-
-    from onerec.ab import ab_report
+    from onerec.abtest.dashboard import register_ab_file
+    from onerec.abtest.guardrail import GuardrailWatcher
+    from onerec.abtest.scorecard import scorecard
+    from onerec.abtest.store import ABStore
     from onerec.pipelines import run_local
     from onerec.registry import CHAMPION, Registry, RegistryError
     from onerec.serve import ABConfig
     from onerec.simulate import fit_population, http_recommender, simulate
-    from onerec.stream.rewards import RewardJoiner, ab_arms
+    from onerec.stream.rewards import RewardJoiner
     from serving.process import ServerProcess
 
     endpoints = resolve_endpoints(cfg.stack.state_dir)
     uri, bootstrap = endpoints.require(MLFLOW_TRACKING_URI), endpoints.require(KAFKA_BOOTSTRAP)
-    redis_client = redis.Redis.from_url(endpoints.require(REDIS_URL))
+    store = ABStore.open(ab_store_url(cfg.stack.state_dir))
     reg = Registry.connect(uri, cfg.registry.model_name)
     state = Path(cfg.stack.state_dir).resolve()
     tag = uuid.uuid4().hex[:6]
@@ -71,7 +73,7 @@ def closed_loop(cfg: Config, preset: str, overrides: list[str], progress: Callab
     champion = reg.alias_version(CHAMPION)
 
     def join() -> dict:
-        return RewardJoiner(cfg, bootstrap, redis_client).run(idle_exit_s=5)
+        return RewardJoiner(cfg, bootstrap, store).run(idle_exit_s=5)
 
     args = ["--preset", preset, *(f"--set={o}" for o in overrides), f"--set=stack.state_dir={state}",
             f"--set=serving.ab_config={ab_file}", "--set=serving.reload_poll_s=1"]
@@ -92,20 +94,25 @@ def closed_loop(cfg: Config, preset: str, overrides: list[str], progress: Callab
 
         progress(f"  A/B: {control} (v{champion}) vs {treatment} (v{challenger}), 50/50 by user")
         write_ab(ab_file, experiment, [(control, CHAMPION, 50.0), (treatment, "challenger", 50.0)])
+        register_ab_file(store, ab_file)                          # the scorecard's SRM check needs the weights
         split = ABConfig.parse(yaml.safe_load(ab_file.read_text()), str(ab_file))
         probe = {v: next(u for u in range(1, 10**6) if split.assign(u).name == v) for v in (control, treatment)}
         figures["ab_challenger_loaded_s"] = wait_for_version(recommend, probe[treatment], challenger)
         during = simulate(cfg, server.url, bootstrap, population=population)
         figures.update({f"ab_{k}": during[k] for k in ("requests", "request_errors", "reactions", "by_variant")})
         figures.update({f"ab_join_{k}": v for k, v in join().items() if k in ("rows", "matched", "late", "unmatched")})
-        report = ab_report(ab_arms(redis_client), control, treatment, min_n=cfg.simulate.ab_min_exposures)
-        figures["ab"] = report
-        decision = report["decision"] if report else "wait"
-        figures["ab_decision"] = decision
-        if decision == "promote":
-            reg.promote(challenger, reason=f"A/B {experiment}: reward per exposure {report['mean_control']:.3f} -> "
-                        f"{report['mean_treatment']:.3f}, 95% CI [{report['ci_low']:.3f}, {report['ci_high']:.3f}]")
+        card = scorecard(store, experiment, cfg.abtest, weights={control: 50.0, treatment: 50.0})
+        figures["ab"] = ab_summary(card)
+        figures["ab_decision"] = decision = card["decision"]
+        watcher = GuardrailWatcher(cfg.abtest, reg, store, f"{server.url}/metrics") if cfg.abtest.watch else None
+        if decision == "ship":
+            reg.promote(challenger, reason=f"A/B {experiment}: {card['decision_reason']}")
             figures["promoted_serving_s"] = wait_for_version(recommend, probe[control], challenger)
+            if watcher is not None:
+                progress("  the guardrail watches the new champion on fresh traffic")
+                simulate(cfg, server.url, bootstrap, population=population, sessions_per_user=1)
+                join()
+                figures["guardrail"] = watcher.check()
         figures["champion_after_ab"] = reg.alias_version(CHAMPION)
 
         progress("  rollback drill: `onerec model rollback`, then restore")
@@ -121,3 +128,17 @@ def closed_loop(cfg: Config, preset: str, overrides: list[str], progress: Callab
             figures["rollback_restored_s"] = wait_for_version(recommend, probe[control], current)
             figures["rollback_drill"] = f"v{current} -> v{previous} -> v{current}"
     return figures
+
+
+def ab_summary(card: dict) -> dict:
+    """The scorecard's headline, for the demo's figures: the primary lift, health, decision."""
+    comp = card["comparisons"][0] if card["comparisons"] else {}
+    primary = comp.get("primary", {})
+    return {"experiment": card["experiment"], "decision": card["decision"], "reason": card["decision_reason"],
+            "users": {v["name"]: v["users"] for v in card["variants"]},
+            "exposures": {v["name"]: v["exposures"] for v in card["variants"]},
+            **{k: primary.get(k) for k in ("metric_control", "metric_treatment", "diff", "diff_low", "diff_high",
+                                           "rel", "p_value")},
+            "cuped_variance_reduction": comp.get("cuped", {}).get("variance_reduction"),
+            "always_valid_p": comp.get("always_valid_p"), "srm_p": card["health"]["srm"].get("p_value"),
+            "healthy": card["health"]["ok"]}

@@ -301,6 +301,7 @@ class Recommendation:
     variant: str
     model_version: str
     fallback: str | None          # None, or why: cold_user | features_unavailable
+    experiment: str = ""          # the A/B experiment it was served under ('' = none)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -317,7 +318,7 @@ class Recommender:
         self.models = dict(models)
 
     def recommend(self, requests: Sequence[RecRequest]) -> list[Recommendation]:
-        models = self.models                                          # one snapshot per batch
+        models, ab = self.models, self.router.config                  # one snapshot per batch
         try:
             with FEATURE_SECONDS.time():
                 histories = self.features.histories([r.user_id for r in requests])
@@ -328,7 +329,7 @@ class Recommender:
         out: list[Recommendation | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
-            variant = self.router.assign(req.user_id)
+            variant = ab.assign(req.user_id)
             alias = variant.alias if variant.alias in models else "champion"
             groups.setdefault(f"{variant.name}\0{alias}", []).append(i)
         for key, rows in groups.items():
@@ -345,7 +346,7 @@ class Recommender:
                     top = row_items[:req.k]
                     out[rows[j]] = Recommendation(req.request_id, req.user_id, top.tolist(),
                                                   [float(s) for s in row_scores[:req.k]], served.semantic_ids(top),
-                                                  variant, served.version, None)
+                                                  variant, served.version, None, ab.experiment)
             for j in set(range(len(rows))) - set(warm):
                 req = requests[rows[j]]
                 try:
@@ -355,7 +356,8 @@ class Recommender:
                     items = []
                 items = items or [int(i) for i in served.item_ids[:req.k]]
                 out[rows[j]] = Recommendation(req.request_id, req.user_id, items, [0.0] * len(items),
-                                              served.semantic_ids(np.asarray(items)), variant, served.version, reason)
+                                              served.semantic_ids(np.asarray(items)), variant, served.version, reason,
+                                              ab.experiment)
         for rec in out:
             RECOMMENDATIONS.labels(rec.variant).inc()
             if rec.fallback:

@@ -16,6 +16,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 
 import kserve
@@ -34,6 +35,7 @@ REQUEST_SECONDS = Histogram("onerec_serving_request_seconds", "predict() per HTT
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 BAD_REQUESTS = Counter("onerec_serving_bad_requests", "requests refused with 400")
 OVERLOADED = Counter("onerec_serving_overloaded", "requests refused with 503: too many waiting")
+FAILURES = Counter("onerec_serving_failures", "requests that failed in the model or the feature lookup (500)")
 RELOADS = Counter("onerec_serving_reloads", "model swaps after an alias moved, by outcome", ["outcome"])
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,7 @@ class OneRecPredictor(kserve.Model):
             return {"predictions": [r.as_dict() for r in await self._recommend(payload["instances"])]}
 
     async def _recommend(self, rows) -> list:
+        start = time.perf_counter()
         try:
             requests = [parse_request(row, self.cfg.serving) for row in rows]
         except RequestError as exc:
@@ -157,9 +160,14 @@ class OneRecPredictor(kserve.Model):
         except Overloaded as exc:
             OVERLOADED.inc()
             raise ServerNotReady(str(exc)) from None      # 503: the client retries (with backoff)
-        recs = await asyncio.wrap_future(pending)
+        try:
+            recs = await asyncio.wrap_future(pending)
+        except Exception:
+            FAILURES.inc()                                # the guardrails' error rate counts these
+            raise
         if self.exposures is not None:
-            self.exposures.publish([rec for rec, req in zip(recs, requests) if req.log_exposure])
+            self.exposures.publish([rec for rec, req in zip(recs, requests) if req.log_exposure],
+                                   latency_ms=round((time.perf_counter() - start) * 1000, 3))
         return recs
 
     @staticmethod

@@ -20,9 +20,9 @@ a duplicate). Reactions are matched by (request id, item). Edge cases, each coun
 `RewardJoiner` is the service (`onerec rewards join`, a consumer-group member like the ingestor):
 it reads both topics, writes each closed row to the offline store (parquet parts under the Feast
 offline folder, `exposure_rewards/`, read back by `load_rewards`, deduplicated by request id)
-and adds it to the A/B store (Redis: per arm n, sum and sum of squares of the reward, counted
-once per request id by a Lua script), and only then commits offsets, below the oldest record
-still held in memory. A crash redelivers what was not written; what was written twice is
+and adds it, with every user event read, to the A/B store (SQL, onerec/abtest/store.py; one row
+per request id and per event id), and only then commits offsets, below the oldest record still
+held in memory. A crash redelivers what was not written; what was written twice is
 deduplicated downstream. Malformed exposures and events are counted and skipped (the ingestor
 already sends bad user events to the DLQ).
 
@@ -44,12 +44,13 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from onerec.abtest.store import ABStore
 from onerec.config import Config
 from onerec.data.events import EventValidationError, UserEvent, parse_event
 from onerec.rl.rewards import DurationShaper, rating_reward
 
 COUNTERS = ("exposures", "duplicate_exposures", "reactions", "matched", "duplicate_reactions", "late",
-            "unmatched", "organic", "unshaped_plays", "no_reward", "rows", "bad_exposures", "bad_events", "ab_counted")
+            "unmatched", "organic", "unshaped_plays", "no_reward", "rows", "bad_exposures", "bad_events", "ab_counted", "ab_events")
 REMEMBER_WINDOWS = 10     # closed request ids are remembered this many windows (duplicates, late)
 EVENT_REWARDS = {"like": 1.0, "share": 1.0, "skip": -1.0, "click": 0.25}
 
@@ -73,6 +74,9 @@ class JoinedRow:
     served_ms: int
     items: list[int]
     rewards: list[float | None]       # per position; None = no reaction within the window
+    experiment: str | None = None     # the A/B experiment it was served under
+    latency_ms: float | None = None   # the request's time in the predictor
+    watch_s: float = 0.0              # seconds played of its items (the latest play per item)
 
     @property
     def reward(self) -> float:
@@ -89,6 +93,7 @@ class _Open:
     position: dict[int, int]          # item -> position in the session
     closes_ms: int
     reacted_ms: dict[int, int] = field(default_factory=dict)   # item -> time of the reaction applied
+    played_s: dict[int, tuple[int, float]] = field(default_factory=dict)   # item -> (time, seconds) latest play
     tokens: list = field(default_factory=list)                 # the records it holds (Kafka positions)
 
 
@@ -112,7 +117,8 @@ class RewardJoin:
         self.stats["exposures"] += 1
         items = [int(i["item_id"]) for i in sorted(exposure["items"], key=lambda i: i["position"])]
         row = JoinedRow(request_id, int(exposure["user_id"]), str(exposure["variant"]), str(exposure["model_version"]),
-                        exposure.get("fallback"), int(exposure["time_ms"]), items, [None] * len(items))
+                        exposure.get("fallback"), int(exposure["time_ms"]), items, [None] * len(items),
+                        exposure.get("experiment") or None, exposure.get("latency_ms"))
         entry = _Open(row, {item: p for p, item in enumerate(items)}, max(now_ms, row.served_ms) + self.window_ms,
                       tokens=[token])
         self.open[request_id] = entry
@@ -141,6 +147,9 @@ class RewardJoin:
         if pos is None or event.user_id != entry.row.user_id:
             self.stats["unmatched"] += 1
             return
+        if event.event_type == "play" and event.play_duration_s is not None \
+                and event.event_time_ms >= entry.played_s.get(event.item_id, (-math.inf, 0.0))[0]:
+            entry.played_s[event.item_id] = (event.event_time_ms, event.play_duration_s)
         reward = self.reward_of(event)
         if reward is None:
             self.stats["unshaped_plays" if event.event_type == "play" else "no_reward"] += 1
@@ -152,7 +161,11 @@ class RewardJoin:
     def close(self, now_ms: int) -> list[JoinedRow]:
         """Rows of the exposures whose window has passed; expires waiting reactions and memory."""
         done = [rid for rid, entry in self.open.items() if entry.closes_ms <= now_ms]
-        rows = [self.open.pop(rid).row for rid in done]
+        rows = []
+        for rid in done:
+            entry = self.open.pop(rid)
+            entry.row.watch_s = float(sum(seconds for _, seconds in entry.played_s.values()))
+            rows.append(entry.row)
         for rid in done:
             self.closed[rid] = now_ms
         for rid in [r for r, held in self.waiting.items() if held[0][1] + self.window_ms <= now_ms]:
@@ -184,17 +197,6 @@ class RewardJoin:
 # --------------------------------------------------------------------------- the service
 
 REWARDS_FOLDER = "exposure_rewards"
-AB_PREFIX = "ab:arm:"            # Redis hash per arm (variant, model version): n, sum, sumsq, reacted
-_COUNT_ONCE = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  redis.call('HINCRBYFLOAT', KEYS[2], 'n', 1)
-  redis.call('HINCRBYFLOAT', KEYS[2], 'sum', ARGV[2])
-  redis.call('HINCRBYFLOAT', KEYS[2], 'sumsq', ARGV[3])
-  redis.call('HINCRBYFLOAT', KEYS[2], 'reacted', ARGV[4])
-  return 1
-end
-return 0
-"""
 
 
 def parse_exposure(raw: bytes) -> dict:
@@ -206,6 +208,9 @@ def parse_exposure(raw: bytes) -> dict:
     for item in d["items"]:
         if not isinstance(item, dict) or not isinstance(item.get("item_id"), int) or not isinstance(item.get("position"), int):
             raise ValueError("exposure items must be {item_id, position, score}")
+    if not isinstance(d.get("experiment", ""), (str, type(None))) or isinstance(d.get("latency_ms"), bool) \
+            or not isinstance(d.get("latency_ms"), (int, float, type(None))):
+        raise ValueError("exposure experiment must be a string and latency_ms a number (or null)")
     return d
 
 
@@ -242,31 +247,18 @@ def load_rewards(cfg: Config) -> pd.DataFrame:
             .drop_duplicates("request_id", keep="first").reset_index(drop=True))
 
 
-def count_ab(redis_client, rows: list[JoinedRow], ttl_s: int) -> int:
-    """Add rows to the A/B store, each request id once -> how many were new."""
-    script = redis_client.register_script(_COUNT_ONCE)
-    new = 0
-    for r in rows:
-        reward = r.reward
-        new += int(script(keys=[f"ab:done:{r.request_id}", f"{AB_PREFIX}{r.variant}:{r.model_version}"],
-                          args=[ttl_s, reward, reward * reward, sum(x is not None for x in r.rewards)]))
-    return new
-
-
-def ab_arms(redis_client) -> dict[str, dict[str, float]]:
-    """{"<variant>:<model version>": {n, sum, sumsq, reacted, mean}} from the A/B store."""
-    arms = {}
-    for key in sorted(redis_client.scan_iter(f"{AB_PREFIX}*")):
-        name = (key.decode() if isinstance(key, bytes) else key).removeprefix(AB_PREFIX)
-        h = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in redis_client.hgetall(key).items()}
-        arms[name] = {**h, "mean": h["sum"] / h["n"] if h.get("n") else None}
-    return arms
+def event_row(event: UserEvent, reward: float | None) -> dict:
+    """A user event as the A/B store keeps it (pre-experiment activity, item popularity)."""
+    return {"event_id": event.event_id, "user_id": event.user_id, "item_id": event.item_id,
+            "event_type": event.event_type, "time_ms": event.event_time_ms, "reward": reward}
 
 
 class RewardJoiner:
-    def __init__(self, cfg: Config, bootstrap: str, redis_client, shaper: DurationShaper | None = None):
-        self.cfg, self.bootstrap, self.redis = cfg, bootstrap, redis_client
-        self.join = RewardJoin(int(cfg.rewards.window_s * 1000), lambda e: event_reward(e, shaper))
+    def __init__(self, cfg: Config, bootstrap: str, store: ABStore, shaper: DurationShaper | None = None):
+        self.cfg, self.bootstrap, self.store = cfg, bootstrap, store
+        self.reward_of = lambda e: event_reward(e, shaper)
+        self.join = RewardJoin(int(cfg.rewards.window_s * 1000), self.reward_of)
+        self.events: list[dict] = []          # read since the last flush, for the A/B store
         self._stop = threading.Event()
 
     def install_signal_handlers(self) -> None:
@@ -313,14 +305,19 @@ class RewardJoiner:
             if tp.topic == self.cfg.kafka.exposures.name:
                 self.join.add_exposure(parse_exposure(rec.value), now_ms, token)
             else:
-                self.join.add_reaction(parse_event(rec.value), now_ms, token)
+                event = parse_event(rec.value)
+                self.join.add_reaction(event, now_ms, token)
+                self.events.append(event_row(event, self.reward_of(event)))
         except (ValueError, EventValidationError, KeyError, TypeError):
             self.join.stats["bad_exposures" if tp.topic == self.cfg.kafka.exposures.name else "bad_events"] += 1
 
     def _write(self, rows: list[JoinedRow]) -> None:
-        """Offline store, then the A/B store; raises (and nothing is committed) if either fails."""
+        """Offline store, then the A/B store; raises (and nothing is committed) if either fails.
+        Both are idempotent by id, so what a crash makes us write twice is counted once."""
         write_rewards(self.cfg, rows)
-        self.join.stats["ab_counted"] += count_ab(self.redis, rows, self.cfg.rewards.done_ttl_s)
+        self.join.stats["ab_counted"] += self.store.add_exposures([r.as_dict() for r in rows])
+        self.join.stats["ab_events"] += self.store.add_events(self.events)
+        self.events = []
 
     def _commit(self, consumer, consumed: dict, offset_and_metadata) -> None:
         """Per partition: below the oldest record still held in memory, else all consumed."""
@@ -333,9 +330,7 @@ class RewardJoiner:
 
 
 def open_joiner(cfg: Config) -> RewardJoiner:
-    import redis
-
-    from onerec.endpoints import KAFKA_BOOTSTRAP, REDIS_URL, resolve_endpoints
+    from onerec.endpoints import KAFKA_BOOTSTRAP, ab_store_url, resolve_endpoints
 
     endpoints = resolve_endpoints(cfg.stack.state_dir)
-    return RewardJoiner(cfg, endpoints.require(KAFKA_BOOTSTRAP), redis.Redis.from_url(endpoints.require(REDIS_URL)))
+    return RewardJoiner(cfg, endpoints.require(KAFKA_BOOTSTRAP), ABStore.open(ab_store_url(cfg.stack.state_dir)))

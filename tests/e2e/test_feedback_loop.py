@@ -22,7 +22,9 @@ def test_simulated_reactions_join_their_exposures_into_rewards(tmp_path, monkeyp
     from onerec.features.backfill import backfill
     from onerec.features.store import FEAST_DIR_VAR, apply_repo
     from onerec.simulate import simulate
-    from onerec.stream.rewards import RewardJoiner, ab_arms, load_rewards
+    from onerec.abtest.store import ABStore
+    from onerec.endpoints import ab_store_url
+    from onerec.stream.rewards import RewardJoiner, load_rewards
 
     monkeypatch.setenv(FEAST_DIR_VAR, str(tmp_path / "feast"))
     cfg = stack_config(tmp_path / "state", "simulate.users=6", "simulate.sessions_per_user=2", "simulate.k=5",
@@ -45,19 +47,24 @@ def test_simulated_reactions_join_their_exposures_into_rewards(tmp_path, monkeyp
         assert report["real_reactions"] + report["modelled_reactions"] == 60
         assert report["response_auc"] > 0.5 and report["heldout_ratings"] > 0
 
-        stats = RewardJoiner(cfg, env_file["KAFKA_BOOTSTRAP"], r).run(idle_exit_s=5)
+        store = ABStore.open(ab_store_url(cfg.stack.state_dir))
+        stats = RewardJoiner(cfg, env_file["KAFKA_BOOTSTRAP"], store).run(idle_exit_s=5)
         rows = load_rewards(cfg)
         assert stats["rows_written"] == len(rows) == 12 and stats["matched"] == 60
         assert stats["unmatched"] == 0 and stats["late"] == 0
         assert set(rows["request_id"]) == {f"sim-{report['run_id']}-{j}" for j in range(12)}
         assert (rows["reacted"] == 5).all() and set(rows["model_version"]) == {champion}
-        arms = ab_arms(r)
-        assert list(arms) == [f"control:{champion}"] and arms[f"control:{champion}"]["n"] == 12
-        assert arms[f"control:{champion}"]["sum"] == pytest.approx(rows["reward"].sum())
+        # no A/B file: the exposures are in the A/B store without an experiment, served by the champion
+        assert stats["ab_counted"] == 12 and store.experiments() == []
+        served = store.model_exposures(champion, 0, 2**62)
+        assert set(served["request_id"]) == set(rows["request_id"])
+        assert served["reward"].sum() == pytest.approx(rows["reward"].sum())
+        assert served["latency_ms"].notna().all() and (served["latency_ms"] > 0).all()
+        assert stats["ab_events"] >= 60          # the reactions (and any organic events) for CUPED's pre-period
 
-        again = RewardJoiner(cfg, env_file["KAFKA_BOOTSTRAP"], r).run(idle_exit_s=3)   # committed: nothing new
+        again = RewardJoiner(cfg, env_file["KAFKA_BOOTSTRAP"], store).run(idle_exit_s=3)   # committed: nothing new
         assert again["rows_written"] == 0 and len(load_rewards(cfg)) == 12
-        assert ab_arms(r)[f"control:{champion}"]["n"] == 12
+        assert len(store.model_exposures(champion, 0, 2**62)) == 12
 
         from onerec.pipelines import run_local
         from onerec.registry import Registry
