@@ -206,7 +206,7 @@ def register_ab_file(store: ABStore, path: str | Path) -> str:
 
 def open_dashboard(cfg: Config, metrics_url: str | None = None) -> Dashboard:
     """The dashboard on the configured endpoints (the registry only when MLflow is set)."""
-    from onerec.endpoints import MLFLOW_TRACKING_URI, ab_store_url, resolve_endpoints
+    from onerec.endpoints import ab_store_url, resolve_endpoints
     from onerec.registry import Registry
 
     store = ABStore.open(ab_store_url(cfg.stack.state_dir))
