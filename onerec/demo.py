@@ -8,10 +8,10 @@ semantic-ID tokenizer, OneRec trained and tracked in MLflow, evaluated against t
 champion on the snapshot's leave-last-out test items, registered, aliased `challenger` (and
 `champion` on a first run) only if it beats the champion); the KServe predictor, in process,
 serving one user from the registry's champion and Feast online, its exposure sent to Kafka;
-the closed loop (onerec/loop.py: HTTP predictor, simulated feedback, rewards, the align
-pipeline, an A/B test, promotion if significant, a rollback drill); an MLflow run recording
-the figures.
-Not built yet (said so at the end, never faked): NOT_BUILT.
+the closed loop (onerec/loop.py: HTTP predictor, simulated feedback, rewards into the A/B store,
+the align pipeline, an A/B test read from its scorecard, promotion on "ship" with the automatic
+guardrail watching the new champion, a rollback drill); the A/B dashboard served over HTTP, its
+page checked against its API; an MLflow run recording the figures.
 
 The OneRec figures are the pipeline's: trained and tested on the feature store's sequences
 (each user's last features.sequence_length items), not the data set's full histories that
@@ -39,25 +39,20 @@ from onerec.pipelines import run_local
 from onerec.stream.ingest import open_ingestor
 from onerec.stream.replay import replay
 
-NOT_BUILT = (
-    "the A/B dashboard for product teams (issue 9)",
-)
-
-
 def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = None,
              overrides: tuple[str, ...] | list[str] = ()) -> dict:
     """preset / overrides: how cfg was loaded (the pipeline's steps load it the same way)."""
     figures: dict = {"preset": cfg.preset, "dataset": cfg.data.dataset}
     started = time.monotonic()
 
-    progress("1/9 embedded stack up (Kafka, Redis, MLflow)")
+    progress("1/10 embedded stack up (Kafka, Redis, MLflow)")
     statuses = stack.up(cfg, progress)
     print(stack.format_status(statuses))
     figures["stack_healthy_s"] = round(time.monotonic() - started, 1)
     endpoints = resolve_endpoints(cfg.stack.state_dir)
     bootstrap = endpoints.require(KAFKA_BOOTSTRAP)
 
-    progress("2/9 load and split the data set")
+    progress("2/10 load and split the data set")
     dataset = load_dataset(cfg.data)
     stats = describe(dataset)
     print(format_table(stats))
@@ -68,12 +63,12 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
                    history_events=len(online.history), live_events=len(online.live),
                    holdout_events=len(online.holdout), t0=online.t0)
 
-    progress("3/9 Feast: apply feature_repo/, backfill the history, materialize online")
+    progress("3/10 Feast: apply feature_repo/, backfill the history, materialize online")
     print("applied: " + ", ".join(feast_store.apply_repo(cfg)))
     redis_client = redis.Redis.from_url(endpoints.require(REDIS_URL))
     figures.update({f"backfill_{k}": v for k, v in backfill(cfg, redis_client).items()})
 
-    progress(f"4/9 replay the live stream to Kafka `{cfg.kafka.user_events.name}` and ingest it into Feast")
+    progress(f"4/10 replay the live stream to Kafka `{cfg.kafka.user_events.name}` and ingest it into Feast")
     replayed = replay(cfg, bootstrap, speed=None)
     figures.update(replay_published=replayed["published"], replay_events_per_s=replayed["events_per_s"])
     ingestor = open_ingestor(cfg)
@@ -82,7 +77,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     figures.update({f"ingest_{k}": v for k, v in ingested.as_dict().items() if k != "dlq_reasons"})
     figures["ingest_seconds"] = round(time.monotonic() - t, 1)  # group join and 5 s idle wait included
 
-    progress("5/9 read one user's features from the online store (FeatureService recommender_online)")
+    progress("5/10 read one user's features from the online store (FeatureService recommender_online)")
     user = int(online.live["user_id"].iloc[-1])
     store = feast_store.open_store(cfg)
     row = store.get_online_features(features=store.get_feature_service(ONLINE_SERVICE),
@@ -92,7 +87,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
         print(f"  {name:20s} {value[-5:] if isinstance(value, list) else value}")
     figures["sample_user"], figures["sample_user_event_count"] = user, row["event_count"][0]
 
-    progress("6/9 retrain pipeline (kfp.local): feature snapshot -> tokenizer -> train OneRec -> evaluate "
+    progress("6/10 retrain pipeline (kfp.local): feature snapshot -> tokenizer -> train OneRec -> evaluate "
              "against the champion -> register in MLflow")
     retrained = run_local(cfg, "retrain", preset or cfg.preset, list(overrides))
     figures.update({f"retrain_{k}": v for k, v in retrained.items() if k not in ("pipeline", "pipeline_root")})
@@ -102,7 +97,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     print(f"  OneRec {cfg.model.arch} on the snapshot's test users: Recall@10 "
           f"{retrained['test_metrics']['test_recall@10']:.4f} NDCG@10 {retrained['test_metrics']['test_ndcg@10']:.4f}")
 
-    progress("7/9 serve the sample user through the KServe predictor (in process: registry champion, Feast online)")
+    progress("7/10 serve the sample user through the KServe predictor (in process: registry champion, Feast online)")
     OneRecPredictor = predictor_class()  # noqa: N806 - a class
     from onerec.exposures import ExposureLog
 
@@ -119,26 +114,60 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     figures.update(served_items=served["items"], served_model_version=served["model_version"],
                    served_fallback=served["fallback"], served_exposures_sent=exposures.sent)
 
-    progress("8/9 the closed loop: serve over HTTP -> simulated users react -> rewards -> align pipeline -> "
+    progress("8/10 the closed loop: serve over HTTP -> simulated users react -> rewards -> align pipeline -> "
              "A/B 50/50 -> promote if significant -> rollback drill")
     from onerec.loop import closed_loop
 
     figures.update(closed_loop(cfg, preset or cfg.preset, list(overrides), progress))
-    ab = figures["ab"] or {}
-    print(f"  A/B {figures['ab_experiment']}: reward per exposure champion {ab.get('mean_control', float('nan')):.3f} vs "
-          f"aligned challenger {ab.get('mean_treatment', float('nan')):.3f}, 95% CI of the difference "
-          f"[{ab.get('ci_low', float('nan')):.3f}, {ab.get('ci_high', float('nan')):.3f}] -> {figures['ab_decision']}; "
-          f"champion now v{figures['champion_after_ab']}; rollback drill {figures['rollback_drill']}")
+    ab = figures["ab"]
+    print(f"  A/B {figures['ab_experiment']}: {cfg.abtest.primary_metric} champion {_num(ab['metric_control'])} vs "
+          f"aligned challenger {_num(ab['metric_treatment'])}, diff {_num(ab['diff'])} "
+          f"[{_num(ab['diff_low'])}, {_num(ab['diff_high'])}] (CUPED variance -{_num(ab['cuped_variance_reduction'])}) "
+          f"-> {figures['ab_decision']} ({ab['reason']}); champion now v{figures['champion_after_ab']}; "
+          f"guardrail {figures.get('guardrail', {}).get('state', 'not needed (nothing promoted)')}; "
+          f"rollback drill {figures['rollback_drill']}")
 
-    progress("9/9 record the run in MLflow")
+    progress("9/10 the A/B dashboard over HTTP: the experiment's page shows the API's numbers")
+    figures.update(check_dashboard(cfg, figures["ab_experiment"]))
+    print(f"  {figures['dashboard_page_url']}: decision {figures['dashboard_decision']}, "
+          f"{figures['dashboard_numbers_checked']} numbers equal to the API's")
+
+    progress("10/10 record the run in MLflow")
     figures["mlflow_run_id"] = _log_to_mlflow(cfg, endpoints.require(MLFLOW_TRACKING_URI), figures)
 
     figures["seconds"] = round(time.monotonic() - started, 1)
-    figures["not_built"] = list(NOT_BUILT)
-    print("\nDemo done. Not built yet, so not run:\n" + "\n".join(f"  - {s}" for s in NOT_BUILT))
-    print(f"The stack keeps running: MLflow UI at {endpoints.mlflow_tracking_uri}; "
-          f"stop it with `onerec stack down --config {cfg.preset}` (or `make stack-down`).")
+    print(f"\nDemo done. The stack keeps running: MLflow UI at {endpoints.mlflow_tracking_uri}; the A/B dashboard "
+          f"with `onerec dashboard --config {cfg.preset}`; stop the stack with `onerec stack down --config "
+          f"{cfg.preset}` (or `make stack-down`).")
     return figures
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def check_dashboard(cfg: Config, experiment: str) -> dict:
+    """Serve the dashboard, read the experiment's scorecard from its API and its page, and check
+    that every number the page carries is the API's."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from onerec.abtest.dashboard import DashboardServer, create_app, open_dashboard, page_values
+
+    with DashboardServer(create_app(open_dashboard(cfg))) as url:
+        name = urllib.parse.quote(experiment)
+        with urllib.request.urlopen(f"{url}/api/experiments/{name}", timeout=60) as resp:
+            card = json.loads(resp.read())
+        with urllib.request.urlopen(f"{url}/experiments/{name}", timeout=60) as resp:
+            page = resp.read().decode()
+    shown = page_values(page)
+    expected = {f"{v['name']}:{field}": v[field] for v in card["variants"] for field in ("users", "exposures", "primary")}
+    wrong = {k: (shown.get(k), v) for k, v in expected.items() if shown.get(k) != v}
+    if wrong or shown.get("decision") != card["decision"]:
+        raise RuntimeError(f"the dashboard page disagrees with its API: {wrong or shown.get('decision')}")
+    return {"dashboard_page_url": f"{url}/experiments/{name}", "dashboard_decision": card["decision"],
+            "dashboard_numbers_checked": len(expected) + 1, "dashboard_page_bytes": len(page)}
 
 
 def predictor_class():

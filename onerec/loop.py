@@ -13,6 +13,7 @@ rewritten in place and picked up without a restart.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -68,7 +69,7 @@ def closed_loop(cfg: Config, preset: str, overrides: list[str], progress: Callab
     tag = uuid.uuid4().hex[:6]
     ab_file, experiment = state / f"ab-{tag}.yaml", f"demo-{tag}"
     control, treatment = f"champion-{tag}", f"challenger-{tag}"
-    write_ab(ab_file, experiment, [(f"feedback-{tag}", CHAMPION, 1.0)])     # before the A/B test: its own arm
+    write_ab(ab_file, f"{experiment}-feedback", [(f"feedback-{tag}", CHAMPION, 1.0)])   # before the A/B test
     figures: dict = {"ab_experiment": experiment}
     champion = reg.alias_version(CHAMPION)
 
@@ -110,7 +111,9 @@ def closed_loop(cfg: Config, preset: str, overrides: list[str], progress: Callab
             figures["promoted_serving_s"] = wait_for_version(recommend, probe[control], challenger)
             if watcher is not None:
                 progress("  the guardrail watches the new champion on fresh traffic")
-                simulate(cfg, server.url, bootstrap, population=population, sessions_per_user=1)
+                figures["guardrail_start"] = watcher.check()["state"]        # the promotion starts a watch
+                one_round = dataclasses.replace(cfg, simulate=dataclasses.replace(cfg.simulate, sessions_per_user=1))
+                simulate(one_round, server.url, bootstrap, population=population)
                 join()
                 figures["guardrail"] = watcher.check()
         figures["champion_after_ab"] = reg.alias_version(CHAMPION)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -81,27 +82,30 @@ class Dashboard:
         return card
 
     def run_url(self, version: str) -> str | None:
-        return _run_url(self.registry, self.mlflow_url, version) if self.registry and self.mlflow_url else None
+        if not (self.registry and self.mlflow_url):
+            return None
+        try:
+            return _run_url(self.registry, self.mlflow_url, version)
+        except Exception:  # noqa: BLE001 - a missing link must not break the page (and is not cached: retried)
+            return None
 
 
 @lru_cache(maxsize=256)
-def _run_url(registry, mlflow_url: str, version: str) -> str | None:
-    """The MLflow UI page of the run that produced a model version (versions are immutable: cached)."""
-    try:
-        run_id = registry.version(version).run_id
-        experiment_id = registry.client.get_run(run_id).info.experiment_id
-    except Exception:  # noqa: BLE001 - a missing link must not break the page
-        return None
+def _run_url(registry, mlflow_url: str, version: str) -> str:
+    """The MLflow UI page of the run that produced a model version (versions are immutable: cached;
+    a failed lookup raises, and lru_cache keeps no exceptions, so a brief MLflow outage is not remembered)."""
+    run_id = registry.version(version).run_id
+    experiment_id = registry.client.get_run(run_id).info.experiment_id
     return f"{mlflow_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def charts(card: dict) -> dict:
     """Plotly figure specs (plain JSON) for the experiment page."""
     tl, variants = card["timeline"], [v["name"] for v in card["variants"]]
-    x = [when(ms) for ms in tl["ends_ms"]]
+    x = [when(ms).removesuffix(" UTC") for ms in tl["ends_ms"]]   # Plotly reads these as dates (with " UTC": categories)
     lift = [c for c in card["comparisons"]]
     lift_fig = {"data": [{"type": "scatter", "mode": "markers", "name": c["treatment"],
-                          "y": [f"{c['treatment']}: {m}" for m in ("primary", *c["secondary"])],
+                          "y": [f"{c['treatment']}: {m}" for m in (card["primary_metric"], *c["secondary"])],
                           "x": [c["primary"]["diff"], *(s["diff"] for s in c["secondary"].values())],
                           "error_x": {"type": "data", "symmetric": False,
                                       "array": [e["diff_high"] - e["diff"] for e in (c["primary"], *c["secondary"].values())],
@@ -109,6 +113,7 @@ def charts(card: dict) -> dict:
                           "marker": {"size": 10, "color": COLORS[(i + 1) % len(COLORS)]}} for i, c in enumerate(lift)],
                 "layout": {"title": {"text": f"Lift vs {card['control']} with {1 - card['alpha']:.0%} CI"},
                            "xaxis": {"zeroline": True, "zerolinewidth": 2, "title": {"text": "treatment - control"}},
+                           "yaxis": {"autorange": "reversed"},         # the scorecard's order, top down
                            "margin": {"l": 220}, "height": 320, "showlegend": False}}
     points = tl["cumulative_lift"]
     have = [i for i, p in enumerate(points) if "diff" in p]
@@ -121,11 +126,12 @@ def charts(card: dict) -> dict:
         {"type": "scatter", "mode": "lines+markers", "name": "lift", "x": [x[i] for i in have],
          "y": [points[i]["diff"] for i in have], "line": {"color": COLORS[0]}}],
         "layout": {"title": {"text": f"Cumulative lift of {card['primary_metric']} ({variants[1] if len(variants) > 1 else '-'} - "
-                             f"{card['control']})"}, "height": 320, "yaxis": {"zeroline": True, "zerolinewidth": 2}}}
+                             f"{card['control']})"}, "height": 320, "yaxis": {"zeroline": True, "zerolinewidth": 2},
+                   "xaxis": {"type": "date", "title": {"text": "UTC"}}}}
     series = {"data": [{"type": "scatter", "mode": "lines+markers", "name": v, "x": x, "y": tl["series"][v],
                         "line": {"color": COLORS[i % len(COLORS)]}} for i, v in enumerate(variants)],
               "layout": {"title": {"text": f"{card['primary_metric']} per {tl['unit']} (users active in it)"},
-                         "height": 320}}
+                         "height": 320, "xaxis": {"type": "date", "title": {"text": "UTC"}}}}
     return {"lift": lift_fig, "cumulative": cumulative, "series": series}
 
 
@@ -158,7 +164,7 @@ def create_app(dashboard: Dashboard):
     def api_experiments() -> list[dict]:
         return dashboard.experiments()
 
-    @app.get("/api/experiments/{name}")
+    @app.get("/api/experiments/{name:path}")          # :path: a name may hold a "/" (the index links it so)
     def api_experiment(name: str) -> dict:
         return card_or_404(name)
 
@@ -166,7 +172,7 @@ def create_app(dashboard: Dashboard):
     def index() -> HTMLResponse:
         return render("index.html", experiments=dashboard.experiments())
 
-    @app.get("/experiments/{name}", response_class=HTMLResponse)
+    @app.get("/experiments/{name:path}", response_class=HTMLResponse)
     def experiment(name: str) -> HTMLResponse:
         card = card_or_404(name)
         return render("experiment.html", card=card, charts=json.dumps(charts(card)).replace("<", "\\u003c"), plotly_js=plotly_js,
@@ -215,3 +221,67 @@ def open_dashboard(cfg: Config, metrics_url: str | None = None) -> Dashboard:
     uri = resolve_endpoints(cfg.stack.state_dir).mlflow_tracking_uri
     registry = Registry.connect(uri, cfg.registry.model_name) if uri else None
     return Dashboard(cfg, store, registry=registry, mlflow_url=uri, metrics_url=metrics_url)
+
+
+def page_values(page: str) -> dict[str, float | str | None]:
+    """The numbers an experiment page shows, from their data-value attributes, by where they are:
+    "<variant>:<field>" (variants table), "<treatment>:<metric>:<field>" (scorecard), "decision",
+    "srm_p". Numbers as floats (ints compare equal), '' as None, anything else as text."""
+    from html.parser import HTMLParser
+
+    values: dict[str, float | str | None] = {}
+
+    class Reader(HTMLParser):
+        row: tuple[str, ...] = ()
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "tr":
+                self.row = tuple(x for x in (a.get("data-variant"), a.get("data-comparison"), a.get("data-metric")) if x)
+            if "data-value" not in a:
+                return
+            key = {"decision": "decision", "health-srm": "srm_p"}.get(a.get("id") or (a.get("class") or ""))
+            if key is None and "data-field" in a and self.row:
+                key = ":".join((*self.row, a["data-field"]))
+            if key is not None:
+                values[key] = _parsed(a["data-value"])
+
+    Reader().feed(page)
+    return values
+
+
+def _parsed(text: str) -> float | str | None:
+    if text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+class DashboardServer:
+    """The app on uvicorn in a background thread (the demo, tests): `with DashboardServer(app) as url:`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0):
+        import uvicorn
+
+        from onerec.stack import free_port
+
+        self.port = port or free_port()
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.start_timeout_s = start_timeout_s
+        self.thread = threading.Thread(target=self.server.run, name="dashboard", daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the dashboard did not start on {self.url}")
+            time.sleep(0.05)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

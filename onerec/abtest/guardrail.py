@@ -51,7 +51,8 @@ class Watch:
 def audit_ms(stamp: str) -> int:
     """An audit event's time ("2026-12-01T17:38:05.123Z") -> epoch ms."""
     seconds, _, frac = stamp.rstrip("Z").partition(".")
-    return calendar.timegm(time.strptime(seconds, "%Y-%m-%dT%H:%M:%S")) * 1000 + int(frac or 0)
+    # the fraction's first three digits are the ms, however many it has (".5" is 500 ms, not 5)
+    return calendar.timegm(time.strptime(seconds, "%Y-%m-%dT%H:%M:%S")) * 1000 + int(frac[:3].ljust(3, "0"))
 
 
 def predictor_counts(metrics_url: str, timeout_s: float = 2.0) -> tuple[float, float] | None:
@@ -65,9 +66,12 @@ def predictor_counts(metrics_url: str, timeout_s: float = 2.0) -> tuple[float, f
     except (OSError, ValueError):
         return None
     totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    except ValueError:          # not a Prometheus exposition (a wrong URL's HTML page): unreadable too
+        return None
     errors = totals.get("onerec_serving_overloaded_total", 0.0) + totals.get("onerec_serving_failures_total", 0.0)
     return totals.get("onerec_serving_request_seconds_count", 0.0), errors
 

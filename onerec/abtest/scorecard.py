@@ -133,7 +133,7 @@ def _timeline(exposures: pd.DataFrame, order: list[str], column: str, cfg: ABTes
             series[v].append(float(values.mean()) if len(values) else None)
         so_far = per_user(exposures[bucket <= b])
         point = {"end_ms": end}
-        if all(len(_arrays(so_far, v, column)) >= 2 for v in order[:2]):
+        if len(order) >= 2 and all(len(_arrays(so_far, v, column)) >= 2 for v in order[:2]):
             est = mean_lift(_arrays(so_far, order[0], column), _arrays(so_far, order[1], column), cfg.alpha)
             point.update(diff=est.diff, diff_low=est.diff_low, diff_high=est.diff_high)
         lift.append(point)
@@ -212,13 +212,14 @@ def scorecard(store: ABStore, experiment: str, cfg: ABTestConfig, *, weights: di
 def _reason(decision: str, comp: dict, health: dict) -> str:
     p = comp["primary"]
     lift = f"{p['diff']:+.4g} [{p['diff_low']:+.4g}, {p['diff_high']:+.4g}]"
-    if not health["min_data"]["ok"]:
-        return f"{health['min_data']['users_per_variant']} users in the smallest variant, {health['min_data']['needed']} needed"
+    # in decide's order: an unhealthy experiment is stopped whatever its size, so its reason comes first
     if health["srm"]["ok"] is False:
         return "sample-ratio mismatch: the split is not what was configured; the comparison cannot be trusted"
     breached = [f"{c['name']}" + (f" ({c['variant']})" if c["variant"] else "") for c in health["guardrails"]
                 if c["ok"] is False]
     if breached:
         return "guardrail breached: " + ", ".join(breached)
+    if not health["min_data"]["ok"]:
+        return f"{health['min_data']['users_per_variant']} users in the smallest variant, {health['min_data']['needed']} needed"
     return {"ship": f"{comp['treatment']} is better: {lift}",
             "stop": f"{comp['treatment']} is worse: {lift}"}.get(decision, f"no significant difference yet: {lift}")

@@ -36,7 +36,7 @@ class Estimate:
     diff_low: float             # (1 - alpha) CI of diff
     diff_high: float
     rel: float | None           # relative lift = treatment / control - 1 (None when control metric is 0)
-    rel_low: float | None       # delta-method (1 - alpha) CI of rel
+    rel_low: float | None       # (1 - alpha) CI of rel by Fieller's theorem (None: unbounded)
     rel_high: float | None
     se: float                   # standard error of diff
     p_value: float              # two-sided, fixed horizon
@@ -92,14 +92,25 @@ def _estimate(mc: float, mt: float, var_c: float, var_t: float, n_c: int, n_t: i
     crit = float(stats.t.ppf(1 - alpha / 2, df))
     # a zero se (constant metrics) makes any nonzero diff certain: p = 0, and the CI a point
     p = float(2 * stats.t.sf(abs(diff) / se, df)) if se > 0 else (0.0 if diff else 1.0)
-    rel = rel_low = rel_high = None
-    if mc != 0:
-        # delta method on mt / mc with independent variants: Var ≈ var_t/mc² + mt² var_c/mc⁴
-        rel = mt / mc - 1
-        se_rel = math.sqrt(var_t / mc ** 2 + mt ** 2 * var_c / mc ** 4)
-        rel_low, rel_high = rel - crit * se_rel, rel + crit * se_rel
+    rel = mt / mc - 1 if mc != 0 else None
+    rel_low, rel_high = fieller(mc, mt, var_c, var_t, crit)
     return Estimate(mc, mt, diff, diff - crit * se, diff + crit * se,
                     rel, rel_low, rel_high, se, p, int(n_c), int(n_t), alpha)
+
+
+def fieller(mc: float, mt: float, var_c: float, var_t: float, crit: float) -> tuple[float | None, float | None]:
+    """CI of the relative lift mt / mc - 1 (independent variants) by Fieller's theorem: the ratios r
+    with (mt - r mc)² <= crit² (var_t + r² var_c). Unlike the delta method's symmetric interval it
+    excludes 0 exactly when the CI of the difference does (r = 1 is the difference test), which
+    matters when the control's mean is small against its noise. (None, None) when the set is
+    unbounded: the control's mean is not significantly away from 0, so no finite relative CI exists."""
+    a = mc * mc - crit * crit * var_c                 # (mt - r mc)² - crit² (var_t + r² var_c) = a r² + b r + c
+    if a <= 0:
+        return None, None
+    b, c = -2 * mt * mc, mt * mt - crit * crit * var_t
+    root = math.sqrt(max(0.0, b * b - 4 * a * c))     # >= 0 whenever a > 0 (round-off aside)
+    low, high = (-b - root) / (2 * a), (-b + root) / (2 * a)
+    return low - 1, high - 1
 
 
 def mean_lift(y_control: ArrayLike, y_treatment: ArrayLike, alpha: float = 0.05) -> Estimate:

@@ -30,7 +30,6 @@ def test_demo_runs_end_to_end_and_reports_figures(tmp_path, capsys):
         assert figures["ingest_consumed"] == figures["ingest_written"] == figures["live_events"]
         assert figures["ingest_dlq"] == figures["ingest_duplicates"] == 0
         assert figures["sample_user_event_count"] > 0
-        assert "Not built yet" in out and figures["not_built"]
         # the retrain pipeline registered a first version, which is champion and challenger
         assert figures["retrain_version"] == "1" and figures["retrain_beats_champion"]
         assert figures["retrain_aliases"] == {"champion": "1", "challenger": "1"}
@@ -47,12 +46,25 @@ def test_demo_runs_end_to_end_and_reports_figures(tmp_path, capsys):
         assert figures["align_version"] == "2" and figures["ab_request_errors"] == 0
         arms = figures["ab_by_variant"]
         assert len(arms) == 2 and {a.split("/")[1] for a in arms} == {"v1", "v2"}   # both models served
-        assert figures["ab_join_rows"] == figures["ab_requests"] and figures["ab"]["n_control"] >= 2
-        assert figures["ab_decision"] in ("promote", "keep", "wait")
-        assert figures["champion_after_ab"] == ("2" if figures["ab_decision"] == "promote" else "1")
-        if figures["ab_decision"] == "promote":       # a drill needs an earlier champion to go back to
+        assert figures["ab_join_rows"] == figures["ab_requests"]
+        # the scorecard of the A/B store: every simulated user in one of the two variants
+        ab = figures["ab"]
+        assert sorted(ab["users"]) == sorted(a.split("/")[0] for a in arms)
+        assert sum(ab["users"].values()) == cfg.simulate.users and sum(ab["exposures"].values()) == figures["ab_requests"]
+        assert ab["diff_low"] <= ab["diff"] <= ab["diff_high"] and 0 <= ab["p_value"] <= 1
+        assert figures["ab_decision"] == ab["decision"] in ("ship", "keep running", "stop")
+        if min(ab["users"].values()) < cfg.abtest.min_users:
+            assert figures["ab_decision"] in ("keep running", "stop")
+        shipped = figures["ab_decision"] == "ship"
+        if shipped:                                   # the guardrail watched the new champion
+            assert figures["guardrail_start"] == "waiting" and figures["guardrail"]["state"] in ("ok", "rolled_back")
+        kept = shipped and figures["guardrail"]["state"] != "rolled_back"
+        assert figures["champion_after_ab"] == ("2" if kept else "1")
+        # the dashboard served the same numbers as its API
+        assert figures["dashboard_decision"] == figures["ab_decision"] and figures["dashboard_numbers_checked"] == 7
+        if kept:                                      # a drill needs an earlier champion to go back to
             assert figures["rollback_drill"] == "v2 -> v1 -> v2" and figures["rollback_serving_s"] < 10
-        else:
+        elif not shipped:
             assert figures["rollback_drill"].startswith("skipped")
 
         import mlflow

@@ -43,11 +43,29 @@ def test_relative_lift_ci_by_hand():
     df = (se2_c + se2_t) ** 2 / (se2_c ** 2 / 3 + se2_t ** 2 / 3)       # Welch-Satterthwaite, 5.50
     crit = stats.t.ppf(0.975, df)
     rel = mt / mc - 1                                                   # 2/3
-    se_rel = math.sqrt(se2_t / mc ** 2 + mt ** 2 * se2_c / mc ** 4)
     est = mean_lift(c, t)
     assert est.rel == pytest.approx(rel, rel=1e-12)
-    assert (est.rel_low, est.rel_high) == (pytest.approx(rel - crit * se_rel, rel=1e-12),
-                                           pytest.approx(rel + crit * se_rel, rel=1e-12))
+    # Fieller: the ratios r with (mt - r mc)² = crit² (se2_t + r² se2_c), by the quadratic formula
+    a, b, cc = mc ** 2 - crit ** 2 * se2_c, -2 * mt * mc, mt ** 2 - crit ** 2 * se2_t
+    r_low, r_high = sorted(((-b - s * math.sqrt(b * b - 4 * a * cc)) / (2 * a)) for s in (1, -1))
+    assert (est.rel_low, est.rel_high) == (pytest.approx(r_low - 1, rel=1e-12), pytest.approx(r_high - 1, rel=1e-12))
+    for r in (r_low, r_high):                                           # the bounds solve the equation
+        assert (mt - r * mc) ** 2 == pytest.approx(crit ** 2 * (se2_t + r * r * se2_c), rel=1e-9)
+
+
+def test_relative_ci_agrees_with_the_difference_test():
+    """Fieller's relative CI excludes 0 exactly when the difference's CI does (the delta method's
+    symmetric interval does not: with a noisy small control mean it can straddle 0)."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        c = rng.normal(rng.uniform(0.05, 2), rng.uniform(0.5, 3), 60)
+        t = c[: rng.integers(30, 60)] + rng.normal(rng.uniform(-1, 1), 1, 1)
+        est = mean_lift(c, t)
+        if est.rel_low is None:
+            continue
+        assert (est.rel_low > 0 or est.rel_high < 0) == est.significant
+    unbounded = mean_lift([-1.0, 1.0, -2.0, 2.5], [1.0, 2.0, 3.0, 4.0])  # control mean ~0 within its noise
+    assert unbounded.rel is not None and unbounded.rel_low is unbounded.rel_high is None
 
 
 def test_degenerate_means_and_json():
@@ -75,12 +93,14 @@ def test_ratio_lift_by_hand():
     num_t, den_t = [2.0, 1.0, 4.0, 3.0], [2.0, 2.0, 5.0, 3.0]
     (rc, vc), (rt, vt) = _delta_ratio(num_c, den_c), _delta_ratio(num_t, den_t)
     se = math.sqrt(vc + vt)
-    rel, se_rel = rt / rc - 1, math.sqrt(vt / rc ** 2 + rt ** 2 * vc / rc ** 4)
+    rel = rt / rc - 1
+    a, b, cc = rc ** 2 - Z95 ** 2 * vc, -2 * rt * rc, rt ** 2 - Z95 ** 2 * vt         # Fieller's quadratic
+    rel_low, rel_high = ((-b + s * math.sqrt(b * b - 4 * a * cc)) / (2 * a) - 1 for s in (-1, 1))
     est = ratio_lift(num_c, den_c, num_t, den_t)
     expected = {"metric_control": rc, "metric_treatment": rt, "diff": rt - rc, "se": se,
                 "diff_low": rt - rc - Z95 * se, "diff_high": rt - rc + Z95 * se,
                 "p_value": 2 * (1 - NormalDist().cdf(abs(rt - rc) / se)),
-                "rel": rel, "rel_low": rel - Z95 * se_rel, "rel_high": rel + Z95 * se_rel}
+                "rel": rel, "rel_low": rel_low, "rel_high": rel_high}
     got = est.as_dict()
     assert {k: got[k] for k in expected} == {k: pytest.approx(v, rel=1e-9) for k, v in expected.items()}
     # the user without exposures counts: dropping them keeps the ratio but changes n and the se

@@ -189,3 +189,44 @@ def test_inferenceservice_runs_the_predictor_on_a_gpu_with_a_canary():
     claims = {v["persistentVolumeClaim"]["claimName"] for v in predictor["volumes"]}
     assert "onerec-feast" in claims
     assert "serving" in {Path(r).name for r in _docs(INFRA / "overlays/prod/kustomization.yaml")[0]["resources"]}
+
+
+def _container(kind: str, name: str) -> dict:
+    (container,) = _one(kind, name)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_abtest_workloads_share_the_postgres_ab_store():
+    from onerec.endpoints import AB_STORE_URL
+
+    postgres = _one("StatefulSet", "ab-postgres")
+    assert postgres["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "ab-db"}}]
+    for kind, name in (("Deployment", "onerec-reward-joiner"), ("Deployment", "onerec-dashboard"),
+                       ("Deployment", "onerec-guardrail-watcher")):
+        url = _env(_container(kind, name))[AB_STORE_URL]
+        assert url.startswith("postgresql+psycopg://") and "@ab-postgres.onerec.svc:5432/" in url, name
+    assert _container("Deployment", "onerec-reward-joiner")["command"][:3] == ["onerec", "rewards", "join"]
+    assert "../../abtest" in _docs(INFRA / "overlays/prod/kustomization.yaml")[0]["resources"]
+
+
+def test_dashboard_serves_the_full_presets_port_and_health_endpoint():
+    cfg = load_config("full")
+    container = _container("Deployment", "onerec-dashboard")
+    assert container["command"][:2] == ["onerec", "dashboard"]
+    assert container["ports"] == [{"name": "http", "containerPort": cfg.abtest.dashboard_port}]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert _env(container)["AB_ACTION_TOKEN"]["secretKeyRef"]["optional"] is True     # read-only without it
+    (port,) = _one("Service", "onerec-dashboard")["spec"]["ports"]
+    assert port["targetPort"] == "http"
+
+
+def test_guardrail_watcher_is_off_in_production_by_default():
+    assert load_config("full").abtest.watch is False
+    assert load_config("small").abtest.watch is True          # on in the demo
+    watcher = _one("Deployment", "onerec-guardrail-watcher")
+    assert watcher["spec"]["replicas"] == 0
+    assert "abtest.watch=true" in _container("Deployment", "onerec-guardrail-watcher")["command"]
