@@ -228,7 +228,8 @@ class Registry:
             self.client.set_registered_model_alias(self.name, alias, version)
 
     # -- the on-call commands
-    def promote(self, version: str | None = None, *, reason: str = "", dry_run: bool = False) -> AliasMove:
+    def promote(self, version: str | None = None, *, reason: str = "", dry_run: bool = False,
+                who: str | None = None) -> AliasMove:
         """champion := `version` (default: the challenger); the challenger alias is cleared when it
         was the one promoted."""
         aliases = self.aliases()
@@ -241,9 +242,10 @@ class Registry:
         changes: dict[str, str | None] = {CHAMPION: target}
         if aliases.get(CHALLENGER) == target:
             changes[CHALLENGER] = None
-        return self.move(changes, action="promote", reason=reason, dry_run=dry_run)
+        return self.move(changes, action="promote", reason=reason, who=who, dry_run=dry_run)
 
-    def rollback(self, to: str | None = None, *, reason: str = "", dry_run: bool = False) -> AliasMove:
+    def rollback(self, to: str | None = None, *, reason: str = "", dry_run: bool = False,
+                 who: str | None = None) -> AliasMove:
         """champion := `to` (default: the champion before the current one, from the audit trail)."""
         current = self.alias_version(CHAMPION)
         if current is None:
@@ -256,7 +258,7 @@ class Registry:
             to = history[-2]
         if str(to) == current:
             raise RegistryError(f"version {to} is already the {CHAMPION}")
-        return self.move({CHAMPION: str(to)}, action="rollback", reason=reason, dry_run=dry_run)
+        return self.move({CHAMPION: str(to)}, action="rollback", reason=reason, who=who, dry_run=dry_run)
 
 
 def format_versions(rows: list[ModelVersionInfo], metric: str, now: float | None = None) -> str:

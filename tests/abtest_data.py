@@ -2,6 +2,8 @@
 were active before the experiment (CUPED's covariate), exposures over three days."""
 from __future__ import annotations
 
+from typing import Self
+
 import numpy as np
 
 from onerec.abtest.store import ABStore
@@ -82,8 +84,8 @@ def exposition(requests: float = 200, overloaded: float = 3, failures: float = 1
     return "\n".join([
         "# HELP onerec_serving_request_seconds predict() per HTTP request",
         "# TYPE onerec_serving_request_seconds histogram",
-        'onerec_serving_request_seconds_bucket{le="0.01"} %s' % (requests / 2),
-        'onerec_serving_request_seconds_bucket{le="+Inf"} %s' % requests,
+        f'onerec_serving_request_seconds_bucket{{le="0.01"}} {requests / 2}',
+        f'onerec_serving_request_seconds_bucket{{le="+Inf"}} {requests}',
         f"onerec_serving_request_seconds_count {requests}",
         f"onerec_serving_request_seconds_sum {requests * 0.004}",
         "# HELP onerec_serving_bad_requests_total requests refused with 400",
@@ -107,14 +109,14 @@ class MetricsServer:
     def __init__(self, text: str, content_type: str = "text/plain; version=0.0.4; charset=utf-8"):
         self.text, self.content_type, self.hits = text, content_type, 0
 
-    def __enter__(self) -> MetricsServer:
+    def __enter__(self) -> Self:
         import http.server
         import threading
 
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):
                 owner.hits += 1
                 body = owner.text.encode()
                 self.send_response(200)

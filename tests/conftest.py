@@ -33,7 +33,7 @@ def data_root() -> Path:
 def no_endpoint_leaks(monkeypatch):
     """Endpoints come from each test's own stack env file: clear what an earlier test (or
     mlflow.set_tracking_uri, which exports MLFLOW_TRACKING_URI) left in the environment."""
-    from onerec.endpoints import ENDPOINT_VARS
+    from onerec.endpoints import AB_STORE_URL, ENDPOINT_VARS
 
-    for var in ENDPOINT_VARS:
+    for var in (*ENDPOINT_VARS, AB_STORE_URL):
         monkeypatch.delenv(var, raising=False)

@@ -184,8 +184,8 @@ def scorecard(store: ABStore, experiment: str, cfg: ABTestConfig, *, weights: di
         sequential = sequential_srm(path, shares)
         srm.update(chi2=one_look["chi2"], p_value=one_look["p_value"], sequential_p_value=sequential["p_value"],
                    ok=bool(one_look["p_value"] >= SRM_P and sequential["p_value"] >= SRM_P))
-    else:
-        srm.update(ok=None)
+    else:                       # one variant, or one the config gives no weight: no test (the same keys, None)
+        srm.update(chi2=None, p_value=None, sequential_p_value=None, ok=None)
     guardrails = _guardrails(variants, cfg, error_rate)
     min_users = min(counts)
     control_y = _arrays(users, order[0], column)

@@ -246,3 +246,37 @@ def test_mlflow_unreachable_fails_fast_and_clearly(model, capsys, monkeypatch):
         assert time.monotonic() - start < 5, argv
         assert (rc, out) == (1, ""), argv
         assert "unreachable" in err and closed in err, argv
+
+
+def test_the_guardrail_rolls_a_slow_new_champion_back_with_the_reason_on_record(model, capsys, monkeypatch,
+                                                                                 tmp_path):
+    """`onerec guardrail watch --once` against the real registry: v2 was promoted, then served
+    slowly (the A/B store says so); the watcher rolls the champion back to v1 and audits why."""
+    import json
+
+    from onerec.abtest.guardrail import audit_ms
+    from onerec.abtest.store import ABStore
+    from onerec.endpoints import AB_STORE_URL
+
+    v1, v2 = model.add_version(), model.add_version()
+    model.reg.promote(v1, reason="first")
+    model.reg.promote(v2, reason="A/B won")
+    promoted_ms = audit_ms(model.reg.audit_trail()[-1].when)
+    url = f"sqlite:///{tmp_path / 'ab.db'}"
+    store = ABStore.open(url)
+    store.add_exposures([{"request_id": f"r{i}", "experiment": None, "variant": "control", "model_version": v2,
+                          "user_id": i % 20, "fallback": None, "served_ms": promoted_ms + i, "items": [1, 2],
+                          "rewards": [1.0, None], "reward": 1.0, "reacted": 1, "latency_ms": 900.0}
+                         for i in range(60)])
+    monkeypatch.setenv(AB_STORE_URL, url)
+    capsys.readouterr()
+    assert main(["guardrail", "watch", "--once", *model.args(), "--set", "abtest.watch=true"]) == 0
+    look = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert look["state"] == "rolled_back" and look["champion"] == v1 and look["version"] == v2
+    assert model.reg.alias_version("champion") == v1
+    last = model.reg.audit_trail()[-1]
+    assert (last.action, last.from_version, last.to_version, last.who) == ("rollback", v2, v1, "guardrail-watcher")
+    assert "p99 latency 900 ms > 250 ms" in last.reason
+    # the next look: the rollback starts no watch
+    assert main(["guardrail", "watch", "--once", *model.args(), "--set", "abtest.watch=true"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"state": "idle", "champion": v1}
