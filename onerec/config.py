@@ -419,7 +419,7 @@ class AlignConfig:
 class ABTestConfig:
     """A/B tests (onerec/abtest/): the SQL store, the scorecard's statistics, the dashboard and the
     guardrail watcher. The store's URL is an endpoint: AB_STORE_URL, else SQLite under stack.state_dir."""
-    primary_metric: Literal["reward_per_user", "watch_time_per_user"]
+    primary_metric: Literal["reward_per_user", "watch_time_per_user", "reward_per_exposure"]
     alpha: float              # two-sided; the CIs are (1 - alpha)
     min_users: int            # per variant, before the scorecard gives a verdict
     pre_period_days: float    # CUPED: each user's activity this long before the experiment's first exposure

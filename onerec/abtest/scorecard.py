@@ -9,7 +9,8 @@ items' popularity for novelty). The user is the unit: every metric is per user o
 per-user sums (onerec/abtest/stats.py). The control is the first variant of `weights` (the A/B
 file's order), else `control`, else the first variant by name.
 
-  variants     users, exposures, the primary metric (mean per user), reward per exposure,
+  variants     users, exposures, the primary metric (PRIMARY: a mean per user or a ratio of per-user
+               sums, each with its CUPED covariate), reward per exposure,
                reaction rate (reacted / served items), coverage and novelty of what was served,
                p99 latency and fallback rate; the model versions that served it
   comparisons  per treatment: the primary metric's lift (CUPED-adjusted when on, with the
@@ -30,11 +31,12 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from onerec.abtest.stats import (Estimate, cuped_lift, decide, mean_lift, min_users_for, msprt_p_value, ratio_lift,
+from onerec.abtest.stats import (Estimate, cuped_lift, cuped_ratio_lift, decide, mean_lift, min_users_for, msprt_p_value, ratio_lift,
                                  sequential_srm, srm_test)
 from onerec.abtest.store import ABStore
 from onerec.config import ABTestConfig
@@ -43,7 +45,34 @@ SRM_P = 0.001                 # the usual SRM alarm: at 0.05 one healthy experim
 MDE_REL = 0.05                # the lift the minimum-sample hint plans for
 MAX_BUCKETS = 60
 BUCKETS = (("day", 86_400_000), ("hour", 3_600_000), ("minute", 60_000))
-PRIMARY_COLUMN = {"reward_per_user": "reward", "watch_time_per_user": "watch_s"}
+
+
+@dataclass(frozen=True)
+class Primary:
+    """A primary metric: a mean per user of `num`, or (den set) the ratio of sums Σnum / Σden; `pre`:
+    its CUPED covariate, the same quantity over each user's events before the experiment."""
+    num: str
+    den: str | None
+    pre: str
+
+    def level(self, users: pd.DataFrame) -> float:
+        return float(users[self.num].sum() / users[self.den].sum()) if self.den else float(users[self.num].mean())
+
+    def lift(self, users: pd.DataFrame, control: str, treatment: str, alpha: float, cuped: bool
+             ) -> tuple[Estimate, float | None]:
+        """(the estimate, CUPED's variance reduction or None when off)."""
+        c, t = (users[users["variant"] == v] for v in (control, treatment))
+        a = [c[self.num], *([c[self.den]] if self.den else []), t[self.num], *([t[self.den]] if self.den else [])]
+        if not cuped:
+            return (ratio_lift(*a, alpha) if self.den else mean_lift(*a, alpha)), None
+        if self.den:
+            return cuped_ratio_lift(a[0], a[1], c[self.pre], a[2], a[3], t[self.pre], alpha)
+        return cuped_lift(a[0], c[self.pre], a[1], t[self.pre], alpha)
+
+
+PRIMARY = {"reward_per_user": Primary("reward", None, "pre_reward"),
+           "watch_time_per_user": Primary("watch_s", None, "pre_events"),       # no pre-period plays: activity
+           "reward_per_exposure": Primary("reward", "exposures", "pre_reward_per_event")}
 
 
 def bucket_size(first_ms: int, last_ms: int) -> tuple[str, int]:
@@ -97,15 +126,12 @@ def _arrays(users: pd.DataFrame, variant: str, column: str) -> np.ndarray:
     return users.loc[users["variant"] == variant, column].to_numpy(dtype=float)
 
 
-def _comparison(users: pd.DataFrame, control: str, treatment: str, column: str, cfg: ABTestConfig) -> dict:
+def _comparison(users: pd.DataFrame, control: str, treatment: str, metric: Primary, cfg: ABTestConfig) -> dict:
     def arr(v: str, c: str) -> np.ndarray:
         return _arrays(users, v, c)
 
-    raw = mean_lift(arr(control, column), arr(treatment, column), cfg.alpha)
-    primary, reduction = raw, None
-    if cfg.cuped:
-        primary, reduction = cuped_lift(arr(control, column), arr(control, "pre"), arr(treatment, column),
-                                        arr(treatment, "pre"), cfg.alpha)
+    raw, _ = metric.lift(users, control, treatment, cfg.alpha, cuped=False)
+    primary, reduction = metric.lift(users, control, treatment, cfg.alpha, cfg.cuped)
     secondary = {"reward_per_exposure": ratio_lift(arr(control, "reward"), arr(control, "exposures"),
                                                    arr(treatment, "reward"), arr(treatment, "exposures"), cfg.alpha),
                  "reaction_rate": ratio_lift(arr(control, "reacted"), arr(control, "items_served"),
@@ -118,7 +144,7 @@ def _comparison(users: pd.DataFrame, control: str, treatment: str, column: str, 
             "secondary": {k: e.as_dict() for k, e in secondary.items()}, "_estimate": primary}
 
 
-def _timeline(exposures: pd.DataFrame, order: list[str], column: str, cfg: ABTestConfig) -> dict:
+def _timeline(exposures: pd.DataFrame, order: list[str], metric: Primary, cfg: ABTestConfig) -> dict:
     first, last = int(exposures["served_ms"].min()), int(exposures["served_ms"].max())
     unit, ms = bucket_size(first, last)
     ms = max(ms, math.ceil((last - first + 1) / MAX_BUCKETS / ms) * ms)
@@ -129,12 +155,12 @@ def _timeline(exposures: pd.DataFrame, order: list[str], column: str, cfg: ABTes
     for b, end in enumerate(ends):
         active = per_user(exposures[bucket == b])
         for v in order:
-            values = _arrays(active, v, column)
-            series[v].append(float(values.mean()) if len(values) else None)
+            in_bucket = active[active["variant"] == v]
+            series[v].append(metric.level(in_bucket) if len(in_bucket) else None)
         so_far = per_user(exposures[bucket <= b])
         point = {"end_ms": end}
-        if len(order) >= 2 and all(len(_arrays(so_far, v, column)) >= 2 for v in order[:2]):
-            est = mean_lift(_arrays(so_far, order[0], column), _arrays(so_far, order[1], column), cfg.alpha)
+        if len(order) >= 2 and all((so_far["variant"] == v).sum() >= 2 for v in order[:2]):
+            est, _ = metric.lift(so_far, order[0], order[1], cfg.alpha, cuped=False)
             point.update(diff=est.diff, diff_low=est.diff_low, diff_high=est.diff_high)
         lift.append(point)
     first_bucket = exposures.assign(bucket=bucket).groupby(["variant", "user_id"])["bucket"].min()
@@ -149,15 +175,14 @@ def scorecard(store: ABStore, experiment: str, cfg: ABTestConfig, *, weights: di
     exposures = store.exposure_frame(experiment)
     if exposures.empty:
         raise KeyError(f"experiment {experiment!r} has no exposures in the A/B store")
-    column = PRIMARY_COLUMN[cfg.primary_metric]
+    metric = PRIMARY[cfg.primary_metric]
     first_ms = int(exposures["served_ms"].min())
     order = _order(sorted(exposures["variant"].unique()), weights, control)
     users = store.user_frame(experiment)                     # per-user sums in SQL
     pre = store.pre_period(users["user_id"].unique().tolist(), first_ms, cfg.pre_period_days)
-    # the covariate is the same metric before the experiment: rewards, or (for watch time) activity
-    pre_column = "reward" if column == "reward" else "events"
-    users = users.merge(pre[["user_id", pre_column]].rename(columns={pre_column: "pre"}), on="user_id", how="left")
-    users["pre"] = users["pre"].fillna(0.0)
+    pre = pre.assign(pre_reward=pre["reward"], pre_events=pre["events"].astype(float),
+                     pre_reward_per_event=(pre["reward"] / pre["events"].where(pre["events"] > 0)).fillna(0.0))
+    users = users.merge(pre[["user_id", "pre_reward", "pre_events", "pre_reward_per_event"]], on="user_id", how="left")
 
     popularity = store.item_popularity(before_ms=first_ms)
     served_items = {i for row in exposures["items"] for i in row}
@@ -166,14 +191,14 @@ def scorecard(store: ABStore, experiment: str, cfg: ABTestConfig, *, weights: di
     for v in order:
         u, frame = users[users["variant"] == v], exposures[exposures["variant"] == v]
         variants.append({"name": v, "users": int(len(u)), "exposures": int(u["exposures"].sum()),
-                         "items_served": int(u["items_served"].sum()), "primary": float(u[column].mean()),
+                         "items_served": int(u["items_served"].sum()), "primary": metric.level(u),
                          "reward_per_exposure": float(u["reward"].sum() / u["exposures"].sum()),
                          "reaction_rate": float(u["reacted"].sum() / max(1, u["items_served"].sum())),
                          "weight": (weights or {}).get(v), **_served_metrics(frame, popularity, catalogue)})
 
-    comparisons = [_comparison(users, order[0], t, column, cfg) for t in order[1:]
-                   if min(len(_arrays(users, v, column)) for v in (order[0], t)) >= 2]
-    timeline = _timeline(exposures, order, column, cfg)
+    comparisons = [_comparison(users, order[0], t, metric, cfg) for t in order[1:]
+                   if min((users["variant"] == v).sum() for v in (order[0], t)) >= 2]
+    timeline = _timeline(exposures, order, metric, cfg)
 
     counts = [v["users"] for v in variants]
     shares = [float((weights or {}).get(v, 0.0)) for v in order] if weights else [1.0] * len(order)
@@ -188,7 +213,7 @@ def scorecard(store: ABStore, experiment: str, cfg: ABTestConfig, *, weights: di
         srm.update(chi2=None, p_value=None, sequential_p_value=None, ok=None)
     guardrails = _guardrails(variants, cfg, error_rate)
     min_users = min(counts)
-    control_y = _arrays(users, order[0], column)
+    control_y = _arrays(users, order[0], metric.num)          # the per-user spread (of the numerator)
     cv = float(control_y.std(ddof=1) / abs(control_y.mean())) if len(control_y) >= 2 and control_y.mean() else None
     min_data = {"users_per_variant": min_users, "needed": cfg.min_users, "ok": min_users >= cfg.min_users,
                 "users_for_5pct_lift": min_users_for(MDE_REL, cv, cfg.alpha) if cv else None}

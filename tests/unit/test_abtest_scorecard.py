@@ -188,6 +188,24 @@ def test_watch_time_uses_the_pre_period_activity_as_covariate(seeded, card):
     assert card["variants"][0]["primary"] == pytest.approx(column(users, "control", "watch_s").mean(), rel=1e-12)
 
 
+def test_reward_per_exposure_is_a_ratio_with_the_pre_period_rate_as_covariate(seeded, card):
+    _, cases = seeded
+    card = card("ship", dataclasses.replace(CFG, primary_metric="reward_per_exposure"))
+    case = cases["ship"]
+    users = hand_users(case, first_ms_of(case))
+    for u in users.values():                # the user's mean reward per event before the experiment (0: none)
+        u["pre_rate"] = u["pre_reward"] / u["pre_events"] if u["pre_events"] else 0.0
+    args = [column(users, v, k) for v in ("control", "treatment") for k in ("reward", "exposures", "pre_rate")]
+    expected, reduction = stats.cuped_ratio_lift(*args, CFG.alpha)
+    comp = card["comparisons"][0]
+    close(comp["primary"], expected)
+    assert comp["cuped"]["variance_reduction"] == pytest.approx(reduction, rel=1e-9) and reduction > 0
+    close(comp["primary_unadjusted"], stats.ratio_lift(*args[0:2], *args[3:5], CFG.alpha))
+    assert card["variants"][0]["primary"] == pytest.approx(card["variants"][0]["reward_per_exposure"], rel=1e-12)
+    last = card["timeline"]["cumulative_lift"][-1]                    # the unadjusted ratio over everyone
+    assert last["diff"] == pytest.approx(comp["primary_unadjusted"]["diff"], rel=1e-9)
+
+
 def test_cuped_off_gives_the_unadjusted_estimate(seeded, card, flat_card):
     _, cases = seeded
     card = card("flat", dataclasses.replace(CFG, cuped=False))

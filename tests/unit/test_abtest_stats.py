@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from onerec.abtest.stats import (cuped_lift, decide, mean_lift, min_users_for, msprt_p_value, ratio_lift,
+from onerec.abtest.stats import (cuped_lift, cuped_ratio_lift, decide, mean_lift, min_users_for, msprt_p_value, ratio_lift,
                                  sequential_srm, srm_test)
 
 # Simulated experiments per check: the Monte-Carlo se of a 0.95 coverage (or a 0.05 false-positive
@@ -157,6 +157,41 @@ def test_cuped_variance_reduction():
     assert (est.metric_control, est.metric_treatment) == (pytest.approx(y[0].mean()), pytest.approx(y[1].mean()))
 
 
+def test_cuped_ratio_lift_by_hand():
+    num_c, den_c, x_c = [1.0, 0.0, 3.0, 2.0, 0.0], [2.0, 1.0, 4.0, 3.0, 0.0], [0.5, 0.1, 0.9, 0.6, 0.2]
+    num_t, den_t, x_t = [2.0, 1.0, 4.0, 3.0], [2.0, 2.0, 5.0, 3.0], [0.4, 0.3, 0.8, 0.7]
+    rc, rt = sum(num_c) / sum(den_c), sum(num_t) / sum(den_t)
+    lin_c = [(a - rc * b) / fmean(den_c) for a, b in zip(num_c, den_c)]      # the delta method's linearization
+    lin_t = [(a - rt * b) / fmean(den_t) for a, b in zip(num_t, den_t)]
+    lin, x = lin_c + lin_t, x_c + x_t
+    ml, mx = fmean(lin), fmean(x)
+    theta = sum((a - ml) * (b - mx) for a, b in zip(lin, x)) / sum((b - mx) ** 2 for b in x)
+    adj_c, adj_t = rc - theta * (fmean(x_c) - mx), rt - theta * (fmean(x_t) - mx)
+    var_c = variance([a - theta * b for a, b in zip(lin_c, x_c)]) / 5
+    var_t = variance([a - theta * b for a, b in zip(lin_t, x_t)]) / 4
+    se = math.sqrt(var_c + var_t)
+    est, reduction = cuped_ratio_lift(num_c, den_c, x_c, num_t, den_t, x_t)
+    assert (est.metric_control, est.metric_treatment) == (pytest.approx(rc), pytest.approx(rt))   # real levels
+    assert est.diff == pytest.approx(adj_t - adj_c, rel=1e-12) and est.se == pytest.approx(se, rel=1e-12)
+    assert (est.diff_low, est.diff_high) == (pytest.approx(adj_t - adj_c - Z95 * se), pytest.approx(adj_t - adj_c + Z95 * se))
+    raw = ratio_lift(num_c, den_c, num_t, den_t)
+    assert reduction == pytest.approx(max(0.0, 1 - se ** 2 / raw.se ** 2), rel=1e-9)
+    # a constant covariate explains nothing: the plain ratio test
+    flat, none = cuped_ratio_lift(num_c, den_c, [1.0] * 5, num_t, den_t, [1.0] * 4)
+    assert none == 0.0 and (flat.diff, flat.se) == (pytest.approx(raw.diff), pytest.approx(raw.se))
+
+
+def test_cuped_ratio_lift_reduces_variance_when_users_carry_their_taste():
+    rng = np.random.default_rng(5)
+    taste = rng.normal(0.0, 1.0, (2, 2000))                               # per user: drives pre and post
+    den = rng.poisson(5.0, (2, 2000)).astype(float) + 1
+    num = den * (0.3 + taste + rng.normal(0, 0.5, (2, 2000)))
+    pre = taste + rng.normal(0, 0.3, (2, 2000))
+    est, reduction = cuped_ratio_lift(num[0], den[0], pre[0], num[1], den[1], pre[1])
+    raw = ratio_lift(num[0], den[0], num[1], den[1])
+    assert reduction > 0.5 and est.se < 0.7 * raw.se
+
+
 # Simulated experiments: each returns SIMS estimates and the true diff of the metric. lift = 1 is an A/A test.
 
 def _sim_mean(rng: np.random.Generator, lift: float):
@@ -181,7 +216,19 @@ def _sim_cuped(rng: np.random.Generator, lift: float):
     return [cuped_lift(yc[i], xc[i], yt[i], xt[i])[0] for i in range(SIMS)], 4 * (lift - 1) * math.exp(0.32)
 
 
-@pytest.mark.parametrize("simulate", [_sim_mean, _sim_ratio, _sim_cuped], ids=["mean", "ratio", "cuped"])
+def _sim_cuped_ratio(rng: np.random.Generator, lift: float):
+    """Clicks per exposure (as _sim_ratio) with each user's click rate before the experiment as x."""
+    def users(scale):
+        exposures = rng.poisson(3.0, (SIMS, USERS))
+        p = rng.beta(2.0, 8.0, (SIMS, USERS))
+        pre = rng.binomial(10, p) / 10                                      # the same user's rate, measured before
+        return rng.binomial(exposures, p * scale).astype(float), exposures.astype(float), pre
+    (nc, dc, xc), (nt, dt, xt) = users(1.0), users(lift)
+    return [cuped_ratio_lift(nc[i], dc[i], xc[i], nt[i], dt[i], xt[i])[0] for i in range(SIMS)], 0.2 * (lift - 1)
+
+
+@pytest.mark.parametrize("simulate", [_sim_mean, _sim_ratio, _sim_cuped, _sim_cuped_ratio],
+                         ids=["mean", "ratio", "cuped", "cuped-ratio"])
 @pytest.mark.parametrize("lift", [1.0, 1.1], ids=["A/A", "A/B"])
 def test_ci_coverage_and_false_positives_by_simulation(simulate, lift):
     estimates, true_diff = simulate(np.random.default_rng(4), lift)
