@@ -112,8 +112,9 @@ def _is_real(v: object) -> bool:
 
 
 _KINDS = {
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "str?": (lambda v: v is None or isinstance(v, str), "a string or None"),
+    # NUL: SQLite stores it, Postgres refuses the whole batch (and a joiner would retry it forever)
+    "str": (lambda v: isinstance(v, str) and "\x00" not in v, "a string without NUL"),
+    "str?": (lambda v: v is None or (isinstance(v, str) and "\x00" not in v), "a string without NUL, or None"),
     "int": (_is_int, "an integer"),
     "float": (_is_real, "a finite number"),
     "float?": (lambda v: v is None or _is_real(v), "a finite number or None"),
@@ -225,6 +226,10 @@ class ABStore:
     def _insert_new(self, table: Table, values: list[dict]) -> int:
         if not values:
             return 0
+        # in key order: two writers whose batches overlap then lock the keys in the same order, so on
+        # Postgres one waits for the other's commit (and skips its rows) instead of a deadlock
+        key = [c.name for c in table.primary_key]
+        values = sorted(values, key=lambda v: [v[k] for k in key])
         # one transaction per batch: it is all in or all out, and a reader never sees half of one
         with self.engine.begin() as conn:
             return len(conn.execute(insert_new(table, conn.dialect.name), values).all())

@@ -87,7 +87,8 @@ def test_exposures_are_counted_once_per_request_id(store):
     ({"user_id": "7"}, "user_id must be an integer"),
     ({"user_id": True}, "user_id must be an integer"),
     ({"items": [1, "2"]}, "items must be a list of integers"),
-    ({"experiment": 3}, "experiment must be a string or None"),
+    ({"experiment": 3}, "experiment must be a string without NUL, or None"),
+    ({"request_id": "a\x00b"}, "request_id must be a string without NUL"),       # Postgres refuses NUL
     ({"rewards": [1.0]}, "2 items but 1 rewards"),
 ])
 def test_bad_exposures_are_rejected_before_anything_is_written(store, change, message):
