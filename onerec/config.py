@@ -406,6 +406,8 @@ class AlignConfig:
     kl_coef: float            # weight of KL(policy || the starting champion)
     dpo_beta: float
     temperature: float        # sampling temperature
+    sampler: Literal["tokens", "served"]   # tokens: the decoder's; served: the hybrid's serving score (align.py)
+    candidates: int           # "served": draw among the dense head's top this many items
 
     def validate(self, key: str) -> None:
         _check(self.group_size >= 2, f"{key}.group_size", "must be >= 2 (advantages are relative within a group)")
@@ -413,6 +415,7 @@ class AlignConfig:
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
         _check(self.lr > 0 and self.temperature > 0 and self.kl_coef >= 0, f"{key}.lr",
                "lr and temperature must be > 0, kl_coef >= 0")
+        _check(self.candidates >= self.group_size, f"{key}.candidates", "must be >= group_size (distinct samples)")
 
 
 @dataclass(frozen=True)

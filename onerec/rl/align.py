@@ -16,7 +16,14 @@ DPO pairs each user's best and worst sample of the group (ties skipped).
 Simplification: a sample is one item (the next-item task the predictor serves), not a whole
 multi-item session. Its log-prob is the serving score: the sum of its L token log-probs, plus
 dense_score_weight x the dense head's log-softmax for the hybrid (so the head, which dominates the
-hybrid's ranking, is aligned too); samples are drawn from the token distribution alone.
+hybrid's ranking, is aligned too).
+
+Samplers (align.sampler): "tokens" draws token by token from the decoder's distribution under the
+trie; "served" (the hybrid) draws from softmax(serving score / temperature) over the dense head's
+top align.candidates items, the distribution whose top the predictor serves. With the hybrid the
+token distribution is not what is served (its ranking is the head's, x dense_score_weight), so
+"tokens" spends the group on items the predictor would never show and the policy ratio compares a
+sample against a score it was not drawn from; "served" keeps alignment on-policy.
 """
 from __future__ import annotations
 
@@ -53,6 +60,29 @@ def sample_items(model, context: dict, trie, group: int, temperature: float = 1.
     return rows.view(b, group), tokens.view(b, group, model.n_levels)
 
 
+@torch.no_grad()
+def sample_served(model, context: dict, item_codes: torch.Tensor, group: int, candidates: int,
+                  temperature: float = 1.0, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """G distinct items per user from softmax(serving score / temperature) over the dense head's
+    top `candidates` items -> rows (B, G), codes (B, G, L). item_codes: (N, L), row r's code."""
+    if model.dense is None:
+        raise ValueError("the 'served' sampler needs the hybrid's dense head (model.dense_loss_weight > 0)")
+    with eval_mode(model):
+        memory = model.encode(context_only(context))
+        dense = model.item_logits(model.bos_state(memory)).float().log_softmax(-1)      # (B, N)
+        m = min(candidates, dense.shape[1])
+        if group > m:
+            raise ValueError(f"align.group_size={group} is above the {m} candidates to draw from")
+        cand = dense.topk(m, dim=1).indices                                             # (B, M) rows
+        codes = item_codes.to(cand.device)[cand]                                        # (B, M, L)
+        score = item_logp(model, memory, codes) + model.cfg.dense_score_weight * dense.gather(1, cand)
+        pick = torch.multinomial((score / temperature).softmax(-1).cpu(), group, replacement=False,
+                                 generator=generator).to(cand.device)                   # (B, G)
+    rows = cand.gather(1, pick)
+    return rows, codes.gather(1, pick[..., None].expand(-1, -1, codes.shape[-1]))
+
+
 def sample_logp(model, context: dict, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """codes (B, G, L) -> (B, G) the serving score of each sample under `model` (with grad when
     enabled): its token log-probs, + dense_score_weight x the dense head's log-softmax at its row
@@ -67,9 +97,12 @@ def sample_logp(model, context: dict, codes: torch.Tensor, rows: torch.Tensor | 
 
 
 def align(policy, contexts: list[dict], users: list[torch.Tensor], trie, reward_fn: RewardFn, cfg: AlignConfig,
-          seed: int, progress: Callable[[int, dict], None] | None = None):
+          seed: int, progress: Callable[[int, dict], None] | None = None, item_codes: torch.Tensor | None = None):
     """contexts[i], users[i]: batch i's context tensors and user indices; batches are cycled for
-    cfg.steps rounds. -> (the aligned copy of policy, per-round log: mean sampled reward, loss, KL)."""
+    cfg.steps rounds; item_codes (N, L): row r's code, for the "served" sampler. -> (the aligned
+    copy of policy, per-round log: mean sampled reward, loss, KL)."""
+    if cfg.sampler == "served" and item_codes is None:
+        raise ValueError("align.sampler 'served' needs item_codes (N, L)")
     reference = copy.deepcopy(policy).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
@@ -79,7 +112,10 @@ def align(policy, contexts: list[dict], users: list[torch.Tensor], trie, reward_
     log = []
     for step in range(cfg.steps):
         ctx, user = contexts[step % len(contexts)], users[step % len(users)]
-        rows, codes = sample_items(policy, ctx, trie, cfg.group_size, cfg.temperature, g)
+        if cfg.sampler == "served":
+            rows, codes = sample_served(policy, ctx, item_codes, cfg.group_size, cfg.candidates, cfg.temperature, g)
+        else:
+            rows, codes = sample_items(policy, ctx, trie, cfg.group_size, cfg.temperature, g)
         with torch.no_grad():
             rewards = reward_fn(user, rows).float()                            # (B, G)
             logp_old = sample_logp(policy, ctx, codes, rows)

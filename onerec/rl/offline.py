@@ -120,7 +120,8 @@ def align_saved_model(cfg: Config, model_dir: str | Path, out_dir: str | Path, r
 
     progress(f"aligning ({cfg.align.method}, {cfg.align.steps} rounds x {cfg.align.batch_users} users "
              f"x {cfg.align.group_size} samples)")
-    aligned, log = align(champion.model, contexts, user_batches, champion.trie, reward_fn, cfg.align, cfg.seed)
+    aligned, log = align(champion.model, contexts, user_batches, champion.trie, reward_fn, cfg.align, cfg.seed,
+                         item_codes=champion.codes.table[1:])
     saved = save_model(aligned, Path(out_dir), tokenizer=tokenizer)
     aligned_served = ServedModel.from_dir(saved, "aligned", "challenger")
 

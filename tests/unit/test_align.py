@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from onerec.config import ConfigError, load_config
-from onerec.rl.align import align, sample_items, sample_logp
+from onerec.rl.align import align, sample_items, sample_logp, sample_served
 from tests.unit.test_model import brute_force_fns, make_batch, make_model, model_batch, random_codes, spread_weights
 
 
 def align_cfg(**kw):
-    return dataclasses.replace(load_config("debug").align, **kw)
+    """debug's align config; the token sampler unless asked (these small models have no dense head)."""
+    return dataclasses.replace(load_config("debug").align, **{"sampler": "tokens", **kw})
 
 
 class Trie:
@@ -90,3 +91,55 @@ def test_for_the_hybrid_the_aligned_score_is_the_serving_score():
     with torch.no_grad():
         ours = sample_logp(model, batch, codes[items], rows=items)
     torch.testing.assert_close(ours, scores, atol=1e-4, rtol=1e-4)
+
+
+def test_the_served_sampler_draws_from_the_serving_score_among_the_heads_top_items():
+    from tests.unit.test_model import dense_model
+
+    model, codes = dense_model(n_items=12, score_weight=0.7)
+    model.eval()
+    batch = model_batch(make_batch(codes, 3, 5, 1, seed=4))
+    all_rows = torch.arange(12).expand(3, 12)
+    with torch.no_grad():
+        score = sample_logp(model, batch, codes[all_rows], rows=all_rows)             # (3, 12) every item
+        head = model.item_logits(model.bos_state(model.encode(batch))).log_softmax(-1)
+    top = head.topk(6, dim=1).indices                                                # the 6 candidates
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_served(model, batch, codes, 1, 6, generator=g)[0] for _ in range(3000)], 1)  # (3, 3000)
+    for u in range(3):
+        assert set(draws[u].tolist()) <= set(top[u].tolist())                        # never outside the candidates
+        want = score[u, top[u]].softmax(-1)                                          # the serving score's softmax
+        got = torch.tensor([(draws[u] == r).float().mean() for r in top[u]])
+        torch.testing.assert_close(got, want, atol=0.03, rtol=0)
+    rows, sampled = sample_served(model, batch, codes, 4, 6, generator=g)
+    assert torch.equal(codes[rows], sampled) and all(len(set(r.tolist())) == 4 for r in rows)   # distinct per user
+    with pytest.raises(ValueError, match="candidates"):
+        sample_served(model, batch, codes, 7, 6)
+
+
+def test_the_served_sampler_needs_a_dense_head_and_codes(setup):
+    model, codes, batches, users = setup
+    with pytest.raises(ValueError, match="dense head"):
+        sample_served(model, batches[0], codes, 2, 5)
+    with pytest.raises(ValueError, match="item_codes"):
+        align(model, batches, users, Trie(codes), liked({0}), align_cfg(sampler="served"), seed=0)
+
+
+def test_served_alignment_raises_the_reward_of_what_is_served():
+    from onerec.model import topk_next_items
+    from tests.unit.test_model import dense_model
+
+    model, codes = dense_model(n_items=12, score_weight=0.7)
+    batches = [model_batch(make_batch(codes, 6, 5, 1, seed=s)) for s in range(2)]
+    users = [torch.arange(6) for _ in batches]
+    reward_fn = liked({1, 4, 7})
+    allowed, item_of = brute_force_fns(codes)
+
+    def served_reward(m):
+        with torch.no_grad():
+            return float(torch.stack([reward_fn(None, topk_next_items(m.eval(), b, allowed, item_of, 12, 3)[0]).mean()
+                                      for b in batches]).mean())
+
+    cfg = align_cfg(sampler="served", candidates=12, group_size=6, steps=30, lr=3e-3, kl_coef=0.0)
+    aligned, _ = align(model, batches, users, Trie(codes), reward_fn, cfg, seed=0, item_codes=codes)
+    assert served_reward(aligned) > served_reward(model) + 0.15
