@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Callable
 
+import pandas as pd
 import redis
 import yaml
 
@@ -89,7 +90,12 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
 
     progress("6/10 retrain pipeline (kfp.local): feature snapshot -> tokenizer -> train OneRec -> evaluate "
              "against the champion -> register in MLflow")
-    retrained = run_local(cfg, "retrain", preset or cfg.preset, list(overrides))
+    # the snapshot as of the replayed stream's end: the data set's own clock. The loop's simulated
+    # reactions are stamped with the wall clock (years later); on a stack that already ingested a
+    # loop's reactions, "the newest features" would be those users alone, each with the same
+    # recommended items repeated (a retrain that tests at R@10 1.0 on its own feedback loop)
+    live_end = pd.Timestamp(int(online.live["timestamp"].max()) + 1, unit="s", tz="UTC").isoformat()
+    retrained = run_local(cfg, "retrain", preset or cfg.preset, list(overrides), as_of=live_end)
     figures.update({f"retrain_{k}": v for k, v in retrained.items() if k not in ("pipeline", "pipeline_root")})
     figures.update({f"onerec_{k}": v for k, v in retrained["test_metrics"].items()})
     print(f"  registered {cfg.registry.model_name} v{retrained['version']} ({retrained['evaluation']}); "
