@@ -148,3 +148,18 @@ def unreachable_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/metrics"
+
+
+def read_until(url: str, done, errors: list, size: int | None = None) -> None:
+    """A reader thread's loop (the concurrency tests): per-user sums and the experiments list until
+    `done` is set; with `size`, every batch must be whole (one transaction each). Errors go to `errors`."""
+    reader = ABStore(url)
+    try:
+        while not done.is_set():
+            frame = reader.user_frame("exp")
+            assert size is None or int(frame["exposures"].sum()) % size == 0
+            reader.experiments()
+    except BaseException as e:  # noqa: BLE001 - reported to the test thread
+        errors.append(e)
+    finally:
+        reader.close()

@@ -32,7 +32,7 @@ from onerec.abtest.scorecard import scorecard
 from onerec.abtest.store import DAY_MS, ABStore, metadata
 from onerec.config import load_config
 from onerec.stack import free_port
-from tests.abtest_data import START_MS, seed_experiment
+from tests.abtest_data import START_MS, read_until, seed_experiment
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 (the store's Postgres driver) is not installed")
 
@@ -426,20 +426,8 @@ def test_concurrent_writers_and_a_reader(pg_store):
         finally:
             writer.close()
 
-    def read() -> None:
-        reader = ABStore(url)
-        try:
-            while not done.is_set():
-                frame = reader.user_frame("exp")
-                assert int(frame["exposures"].sum()) % size == 0       # whole batches only: one transaction each
-                reader.experiments()
-        except BaseException as e:  # noqa: BLE001 - reported to the test thread
-            errors.append(e)
-        finally:
-            reader.close()
-
     writers = [threading.Thread(target=write, args=(reverse,)) for reverse in (False, True)]
-    reader = threading.Thread(target=read)
+    reader = threading.Thread(target=read_until, args=(url, done, errors, size))   # whole batches only
     for t in (reader, *writers):
         t.start()
     for t in writers:

@@ -12,6 +12,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.dialects import postgresql
 
 from onerec.abtest.store import DAY_MS, ABStore, exposures, insert_new, metadata
+from tests.abtest_data import read_until
 
 T0 = 1_700_000_000_000
 
@@ -198,19 +199,8 @@ def test_a_reader_and_two_writers_share_the_file(store):
         finally:
             writer.close()
 
-    def read() -> None:
-        reader = ABStore(url)
-        try:
-            while not done.is_set():
-                reader.user_frame("exp")
-                reader.experiments()
-        except BaseException as e:  # noqa: BLE001 - reported to the test thread
-            errors.append(e)
-        finally:
-            reader.close()
-
     writers = [threading.Thread(target=write, args=(offset,)) for offset in (0, 30)]
-    reader = threading.Thread(target=read)
+    reader = threading.Thread(target=read_until, args=(url, done, errors))
     for t in (reader, *writers):
         t.start()
     for t in writers:
