@@ -34,8 +34,9 @@ EXPOSURES = Counter("onerec_serving_exposures", "exposures by outcome", ["outcom
 def exposure_record(rec, time_ms: int, latency_ms: float | None = None) -> dict:
     return {"schema_version": EXPOSURE_SCHEMA_VERSION, "request_id": rec.request_id, "user_id": rec.user_id,
             "experiment": rec.experiment, "variant": rec.variant, "model_version": rec.model_version,
-            "fallback": rec.fallback, "time_ms": time_ms, "latency_ms": latency_ms, "items": [{"item_id": int(i), "position": p, "score": float(s)}
-                                          for p, (i, s) in enumerate(zip(rec.items, rec.scores))]}
+            "fallback": rec.fallback, "time_ms": time_ms, "latency_ms": latency_ms,
+            "items": [{"item_id": int(i), "position": p, "score": float(s)}
+                      for p, (i, s) in enumerate(zip(rec.items, rec.scores))]}
 
 
 def kafka_producer(bootstrap: str):

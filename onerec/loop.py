@@ -105,13 +105,13 @@ def closed_loop(cfg: Config, preset: str, overrides: list[str], progress: Callab
         card = scorecard(store, experiment, cfg.abtest, weights={control: 50.0, treatment: 50.0})
         figures["ab"] = ab_summary(card)
         figures["ab_decision"] = decision = card["decision"]
-        watcher = GuardrailWatcher(cfg.abtest, reg, store, f"{server.url}/metrics") if cfg.abtest.watch else None
         if decision == "ship":
             reg.promote(challenger, reason=f"A/B {experiment}: {card['decision_reason']}")
             figures["promoted_serving_s"] = wait_for_version(recommend, probe[control], challenger)
-            if watcher is not None:
+            if cfg.abtest.watch:
                 progress("  the guardrail watches the new champion on fresh traffic")
-                figures["guardrail_start"] = watcher.check()["state"]        # the promotion starts a watch
+                watcher = GuardrailWatcher(cfg.abtest, reg, store, f"{server.url}/metrics")   # sees the promotion
+                figures["guardrail_start"] = watcher.check()["state"]
                 one_round = dataclasses.replace(cfg, simulate=dataclasses.replace(cfg.simulate, sessions_per_user=1))
                 simulate(one_round, server.url, bootstrap, population=population)
                 join()
