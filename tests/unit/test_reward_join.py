@@ -111,3 +111,32 @@ def test_pending_tokens_are_the_records_still_only_in_memory():
     assert list(join.pending_tokens()) == [("user-events", 0, 7)]
     join.close(now_ms=W + 30)
     assert list(join.pending_tokens()) == []
+
+
+def test_a_row_carries_the_experiment_latency_and_the_watch_time_of_its_latest_plays():
+    join = RewardJoin(W)
+    join.add_exposure({**exposure(), "experiment": "exp-1", "latency_ms": 12.5}, now_ms=0)
+
+    def play(item, seconds, t):
+        return UserEvent(f"p-{item}-{t}", 7, item, "play", 1_000_000_000_000 + t, play_duration_s=seconds,
+                         request_id="r1")
+
+    join.add_reaction(play(10, 30.0, t=20), now_ms=10)
+    join.add_reaction(play(10, 5.0, t=10), now_ms=20)            # an older play of the same item arrives later
+    join.add_reaction(play(12, 7.5, t=30), now_ms=30)
+    (row,) = join.close(now_ms=W)
+    assert (row.experiment, row.latency_ms, row.watch_s) == ("exp-1", 12.5, 37.5)
+    join.add_exposure({**exposure("r2"), "experiment": ""}, now_ms=W)   # '' = no experiment running
+    (plain,) = join.drain()
+    assert (plain.experiment, plain.latency_ms, plain.watch_s) == (None, None, 0.0)
+
+
+@pytest.mark.parametrize("change", [{"experiment": 3}, {"latency_ms": "fast"}, {"latency_ms": True}])
+def test_an_exposure_with_a_bad_experiment_or_latency_is_refused(change):
+    import json
+
+    from onerec.stream.rewards import parse_exposure
+
+    assert parse_exposure(json.dumps({**exposure(), "experiment": "e", "latency_ms": 3.0}).encode())["experiment"] == "e"
+    with pytest.raises(ValueError, match="experiment must be a string and latency_ms a number"):
+        parse_exposure(json.dumps({**exposure(), **change}).encode())
