@@ -48,12 +48,12 @@ BUCKETS = (("day", 86_400_000), ("hour", 3_600_000), ("minute", 60_000))
 
 
 @dataclass(frozen=True)
-class Primary:
-    """A primary metric: a mean per user of `num`, or (den set) the ratio of sums Σnum / Σden; `pre`:
+class Metric:
+    """A metric: a mean per user of `num`, or (den set) the ratio of sums Σnum / Σden; `pre`:
     its CUPED covariate, the same quantity over each user's events before the experiment."""
     num: str
     den: str | None
-    pre: str
+    pre: str = ""             # none: only compared without CUPED (the secondary metrics)
 
     def level(self, users: pd.DataFrame) -> float:
         return float(users[self.num].sum() / users[self.den].sum()) if self.den else float(users[self.num].mean())
@@ -70,9 +70,11 @@ class Primary:
         return cuped_lift(a[0], c[self.pre], a[1], t[self.pre], alpha)
 
 
-PRIMARY = {"reward_per_user": Primary("reward", None, "pre_reward"),
-           "watch_time_per_user": Primary("watch_s", None, "pre_events"),       # no pre-period plays: activity
-           "reward_per_exposure": Primary("reward", "exposures", "pre_reward_per_event")}
+PRIMARY = {"reward_per_user": Metric("reward", None, "pre_reward"),
+           "watch_time_per_user": Metric("watch_s", None, "pre_events"),       # no pre-period plays: activity
+           "reward_per_exposure": Metric("reward", "exposures", "pre_reward_per_event")}
+SECONDARY = {"reward_per_exposure": Metric("reward", "exposures"), "reaction_rate": Metric("reacted", "items_served"),
+             "exposures_per_user": Metric("exposures", None)}
 
 
 def bucket_size(first_ms: int, last_ms: int) -> tuple[str, int]:
@@ -126,17 +128,10 @@ def _arrays(users: pd.DataFrame, variant: str, column: str) -> np.ndarray:
     return users.loc[users["variant"] == variant, column].to_numpy(dtype=float)
 
 
-def _comparison(users: pd.DataFrame, control: str, treatment: str, metric: Primary, cfg: ABTestConfig) -> dict:
-    def arr(v: str, c: str) -> np.ndarray:
-        return _arrays(users, v, c)
-
+def _comparison(users: pd.DataFrame, control: str, treatment: str, metric: Metric, cfg: ABTestConfig) -> dict:
     raw, _ = metric.lift(users, control, treatment, cfg.alpha, cuped=False)
     primary, reduction = metric.lift(users, control, treatment, cfg.alpha, cfg.cuped)
-    secondary = {"reward_per_exposure": ratio_lift(arr(control, "reward"), arr(control, "exposures"),
-                                                   arr(treatment, "reward"), arr(treatment, "exposures"), cfg.alpha),
-                 "reaction_rate": ratio_lift(arr(control, "reacted"), arr(control, "items_served"),
-                                             arr(treatment, "reacted"), arr(treatment, "items_served"), cfg.alpha),
-                 "exposures_per_user": mean_lift(arr(control, "exposures"), arr(treatment, "exposures"), cfg.alpha)}
+    secondary = {name: m.lift(users, control, treatment, cfg.alpha, cuped=False)[0] for name, m in SECONDARY.items()}
     return {"control": control, "treatment": treatment, "primary": primary.as_dict(),
             "significant": primary.significant, "primary_unadjusted": raw.as_dict(),
             "cuped": {"on": cfg.cuped, "variance_reduction": reduction},
@@ -144,7 +139,7 @@ def _comparison(users: pd.DataFrame, control: str, treatment: str, metric: Prima
             "secondary": {k: e.as_dict() for k, e in secondary.items()}, "_estimate": primary}
 
 
-def _timeline(exposures: pd.DataFrame, order: list[str], metric: Primary, cfg: ABTestConfig) -> dict:
+def _timeline(exposures: pd.DataFrame, order: list[str], metric: Metric, cfg: ABTestConfig) -> dict:
     first, last = int(exposures["served_ms"].min()), int(exposures["served_ms"].max())
     unit, ms = bucket_size(first, last)
     ms = max(ms, math.ceil((last - first + 1) / MAX_BUCKETS / ms) * ms)
