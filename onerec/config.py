@@ -184,6 +184,8 @@ class ModelConfig:
                                     # weight beside the token loss (needs item_embedding)
     dense_score_weight: float = 0.0  # next-item ranking of the beam's and the head's top items:
                                      # decoder log-prob + this x the head's log-prob
+    repeat_gate: bool = False  # the head learns a logit offset for items already in the context
+                               # (from the user's state: re-consumption, RepeatNet-style)
 
     def validate(self, key: str) -> None:
         for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "session_len", "ffn_mult"):
@@ -206,6 +208,8 @@ class ModelConfig:
         _check(self.dense_score_weight >= 0, f"{key}.dense_score_weight", "must be >= 0")
         _check(self.dense_score_weight == 0 or self.dense_loss_weight > 0, f"{key}.dense_score_weight",
                "needs dense_loss_weight > 0 (an untrained head would only add noise)")
+        _check(not self.repeat_gate or self.dense_loss_weight > 0, f"{key}.repeat_gate",
+               "needs dense_loss_weight > 0 (the gate shifts the dense head's logits)")
 
 
 @dataclass(frozen=True)

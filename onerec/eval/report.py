@@ -10,6 +10,10 @@ set is one the papers used, their numbers are printed beside ours (PUBLISHED). A
 (a dense head whose score joins the beam's, see onerec.model.common) also gets two ablation
 rows, the same weights ranked by the beam alone and by the head alone; "OneRec beats SASRec"
 is decided by the model's own ranking, not by an ablation.
+
+A second table ranks the same models with the history's items masked (`exclude_history`): a
+model that learned not to repeat the history (OneRec's repeat gate) gains little there, one
+that did not gains the most, so the two tables together say how much of a lead is that alone.
 """
 from __future__ import annotations
 
@@ -58,9 +62,14 @@ def run_eval(cfg: Config, out_dir: str | Path, *, model_dir: str | Path | None =
     test = data.seqs.for_test()
     rows: dict[str, dict] = {}
 
-    pop = Popularity(len(data.index)).fit(test.histories)  # counts of what the test input may use
-    rows["Popularity"] = evaluate(pop.score, None, test.histories, test.targets, len(data.index), ks=KS,
-                                  batch_size=cfg.eval.batch_size)
+    masked: dict[str, dict] = {}
+
+    def rank(name: str, score_fn) -> None:  # both protocols
+        rows[name], masked[name] = (evaluate(score_fn, None, test.histories, test.targets, len(data.index),
+                                             ks=KS, batch_size=cfg.eval.batch_size, exclude_history=ex)
+                                    for ex in (False, True))
+
+    rank("Popularity", Popularity(len(data.index)).fit(test.histories).score)  # counts the test input may use
 
     t0 = time.perf_counter()
     sas_cfg = cfg.eval.sasrec
@@ -68,39 +77,43 @@ def run_eval(cfg: Config, out_dir: str | Path, *, model_dir: str | Path | None =
     sasrec = SASRec(len(data.index), sas_cfg, attributes=attrs, seed=cfg.seed)
     sasrec.fit(data.seqs.train, data.seqs.for_validation(), progress=progress and sys.stderr.isatty())
     sasrec_s = time.perf_counter() - t0
-    rows["SASRec"] = evaluate(sasrec.score, None, test.histories, test.targets, len(data.index), ks=KS,
-                              batch_size=cfg.eval.batch_size)
+    rank("SASRec", sasrec.score)
     rows["SASRec"]["train_s"] = sasrec_s
 
     trained = None
     if model_dir is None:  # train it here; run_training tests it on the same split
         trained = run_training(cfg, out / "onerec", progress=progress)
         model_dir = out / "onerec"
-        model, tok = load_model(model_dir, device)  # the ablations below rank it again
-        metrics = {c: trained[f"test_{c}"] for c in COLUMNS}
-    else:
-        model, tok = loaded
-        metrics = evaluate_model(model, ItemCodes.from_tokenizer(tok, data.index), test, cfg.train.beam_size,
-                                 cfg.eval.batch_size, ks=KS)
-    arch = model.arch
-    name = f"OneRec-{arch.upper()}"
-    rows[name] = metrics if trained is None else {**metrics, "train_s": trained["tokenizer_s"] + trained["train_s"]}
-    ablations = _hybrid_ablations(cfg, model, tok, test, data.index)
-    rows.update({f"{name}: {part}": m for part, m in ablations.items()})
+        loaded = load_model(model_dir, device)  # the masked protocol and the ablations rank it again
+    model, tok = loaded
+    codes = ItemCodes.from_tokenizer(tok, data.index)
+    name = f"OneRec-{model.arch.upper()}"
+    for table, ex in ((rows, False), (masked, True)):
+        if trained is not None and not ex:
+            table[name] = {**{c: trained[f"test_{c}"] for c in COLUMNS},
+                           "train_s": trained["tokenizer_s"] + trained["train_s"]}
+        else:
+            table[name] = evaluate_model(model, codes, test, cfg.train.beam_size, cfg.eval.batch_size,
+                                         ks=KS, exclude_history=ex)
+        ablations = _hybrid_ablations(cfg, model, codes, test, exclude_history=ex)
+        table.update({f"{name}: {part}": m for part, m in ablations.items()})
 
     published = PUBLISHED.get(cfg.data.dataset, {})
     print(format_table(cfg, rows, published, len(test.targets), len(data.index)))
+    print(format_table(cfg, masked, {}, len(test.targets), len(data.index), history="masked"))
     best = name  # the ablation rows are parts of it, not variants
     figures = {"preset": cfg.preset, "dataset": cfg.data.dataset, "users": len(test.targets),
                "items": len(data.index), "protocol": "leave-last-out, full ranking, history kept",
                "model_dir": str(model_dir)}
-    for model_name, metrics in rows.items():
-        key = re.sub(r"[^a-z0-9]+", "_", model_name.lower()).strip("_")  # OneRec-V2: beam only -> onerec_v2_beam_only
-        figures.update({f"{key}_{m}": round(float(v), 4) for m, v in metrics.items() if m in COLUMNS})
-        if "train_s" in metrics:
-            figures[f"{key}_train_s"] = round(metrics["train_s"], 1)
-    figures["onerec_beats_sasrec"] = bool(rows[best]["ndcg@10"] > rows["SASRec"]["ndcg@10"] and
-                                          rows[best]["recall@10"] > rows["SASRec"]["recall@10"])
+    for table, suffix in ((rows, ""), (masked, "_masked")):  # *_masked_*: the history masked
+        for model_name, metrics in table.items():
+            key = re.sub(r"[^a-z0-9]+", "_", model_name.lower()).strip("_") + suffix  # -> onerec_v2_beam_only
+            figures.update({f"{key}_{m}": round(float(v), 4) for m, v in metrics.items() if m in COLUMNS})
+            if "train_s" in metrics:
+                figures[f"{key}_train_s"] = round(metrics["train_s"], 1)
+        figures[f"onerec_beats_sasrec{suffix}"] = bool(
+            table[best]["ndcg@10"] > table["SASRec"]["ndcg@10"] and
+            table[best]["recall@10"] > table["SASRec"]["recall@10"])
     for m, v in published.get(TARGET, {}).items():
         figures[f"gap_to_{TARGET.lower()}_{m}"] = round(float(rows[best][m]) - v, 4)
     if trained is not None:
@@ -110,34 +123,33 @@ def run_eval(cfg: Config, out_dir: str | Path, *, model_dir: str | Path | None =
     return figures
 
 
-def _hybrid_ablations(cfg: Config, model, tok, test, index) -> dict[str, dict]:
+def _hybrid_ablations(cfg: Config, model, codes, test, exclude_history: bool) -> dict[str, dict]:
     """For a model whose ranking fuses beam search with its dense head: the same weights ranked
     by the beam alone (dense_score_weight 0) and by the head alone, so the table shows what
     each part brings. {} for any other model."""
     import dataclasses
 
-    from onerec.model.data import ItemCodes
     from onerec.model.train import evaluate_dense_head, evaluate_model
 
     if model.dense is None or model.cfg.dense_score_weight == 0:
         return {}
-    codes = ItemCodes.from_tokenizer(tok, index)
     hybrid_cfg = model.cfg
     model.cfg = dataclasses.replace(hybrid_cfg, dense_score_weight=0.0)
     try:
-        beam = evaluate_model(model, codes, test, cfg.train.beam_size, cfg.eval.batch_size, ks=KS)
+        beam = evaluate_model(model, codes, test, cfg.train.beam_size, cfg.eval.batch_size, ks=KS,
+                              exclude_history=exclude_history)
     finally:
         model.cfg = hybrid_cfg
-    head = evaluate_dense_head(model, codes, test, cfg.eval.batch_size, ks=KS)
+    head = evaluate_dense_head(model, codes, test, cfg.eval.batch_size, ks=KS, exclude_history=exclude_history)
     return {"beam only": beam, "head only": head}
 
 
 def format_table(cfg: Config, rows: dict[str, dict], published: dict[str, dict], n_users: int,
-                 n_items: int) -> str:
+                 n_items: int, history: str = "kept") -> str:
     """One table: our models (this run) first, then the published figures, '-' where none."""
     head = f"{'model':<34}" + "".join(f"{c:>12}" for c in COLUMNS) + f"{'train s':>10}"
     lines = [f"{cfg.data.dataset}: {n_users} users, full ranking over {n_items} items, leave-last-out "
-             f"(history items kept), preset {cfg.preset}", head, "-" * len(head)]
+             f"(history items {history}), preset {cfg.preset}", head, "-" * len(head)]
     for name, metrics in rows.items():
         seconds = f"{metrics['train_s']:>10.0f}" if "train_s" in metrics else f"{'-':>10}"
         lines.append(f"{name + ' (this run)':<34}" + "".join(f"{metrics[c]:>12.4f}" for c in COLUMNS) + seconds)

@@ -144,7 +144,7 @@ def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Te
         items, scores, h_bos = _generate(model, memory, allowed_fn, item_of_fn, beam_size, 1, beam_size)
         if not weight:
             return items[:, :k, 0], scores[:, :k]
-        dense = model.item_logits(h_bos).log_softmax(-1)                      # (B, N) fp32
+        dense = model.item_logits(h_bos, memory).log_softmax(-1)              # (B, N) fp32
         by_dense = dense.topk(min(beam_size, dense.shape[1]), dim=1).indices  # (B, W') rows
         # a beam item's score is already its exact log-prob; only the head's picks need decoding
         gen = torch.cat([scores, item_logp(model, memory, model.item_codes[by_dense + 1])], 1)  # (B, C)
@@ -223,8 +223,8 @@ def reference_beam_search(model: GenerativeRecommender, context_batch: Mapping[s
 def reference_topk_next_items(model: GenerativeRecommender, context_batch: Mapping[str, torch.Tensor],
                               trie: dict, beam_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `topk_next_items`, one user and one candidate at a time: the beam from
-    `reference_beam_search`, each item's dense logit as an explicit dot product with its vector,
-    and each candidate's log-prob from decoding [BOS, its first L - 1 tokens] without a cache."""
+    `reference_beam_search`, each item's dense logit as an explicit dot product with its vector
+    (+ the repeat gate's offset for an item of the context), and each candidate's log-prob from decoding [BOS, its first L - 1 tokens] without a cache."""
     weight = model.cfg.dense_score_weight if model.dense is not None else 0.0
     items, scores = reference_beam_search(model, context_batch, trie, beam_size, 1,
                                           topk=beam_size if weight else k)
@@ -243,13 +243,16 @@ def reference_topk_next_items(model: GenerativeRecommender, context_batch: Mappi
             ids = [model.emb.bos_id] + [offsets[j] + t for j, t in enumerate(tokens)]
             return model.decode(torch.tensor([ids], device=device), memory)[0][0]   # (T, D)
 
-        query = model.dense(decode([])[0]).float()                            # (D,)
+        h_bos = decode([])[0].float()                                         # (D,)
+        query = model.dense(h_bos)                                            # (D,)
+        seen = set(context["context_items"][u].tolist()) if model.repeat is not None else set()
         logits = []
         for j in range(n):                                                    # column j = item j + 1
             codes = model.item_codes[j + 1].tolist()
             vector = sum(model.emb.table.weight[offsets[lv] + codes[lv]] for lv in range(n_levels))
             vector = vector + model.context.item_vectors(torch.tensor(j + 1, device=device))
-            logits.append(float(query @ vector.float()))
+            offset = float(model.repeat(h_bos)) if j + 1 in seen else 0.0    # the repeat gate
+            logits.append(float(query @ vector.float()) + offset)
         top = max(logits)
         log_z = top + math.log(sum(math.exp(x - top) for x in logits))
         by_dense = sorted(range(n), key=lambda j: -logits[j])[:beam_size]

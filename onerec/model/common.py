@@ -19,7 +19,7 @@ Generation interface (see beam.py):
     memory = model.encode(batch)                      # once per request
     h, aux = model.decode(ids (B, T), memory, cache)  # (B, T, D), final norm applied
     logits = model.logits(h, level)                   # (..., K_level)
-    item_logits = model.item_logits(h[:, 0])          # (B, N) the dense head, from the BOS state
+    item_logits = model.item_logits(h[:, 0], memory)  # (B, N) the dense head, from the BOS state
 
 The dense head (model.dense_loss_weight > 0; COBRA, Yang et al. 2025, and LIGER, Yang et al.
 2024, pair semantic-ID generation with a dense item score the same way): the decoder's state
@@ -30,6 +30,12 @@ scores the beam's items and the head's top items by both: the decoder's log-prob
 dense_score_weight x the head's log-prob. Why: semantic IDs share one prefix among many items,
 so the beam's last level must tell apart items it has seen a few times; the item-level score
 learns them one by one, the way SASRec does, and finds rare items the beam has pruned.
+
+The repeat gate (model.repeat_gate, with the dense head; RepeatNet, Ren et al. 2019, models
+re-consumption the same way): a logit offset, read from the BOS state, added to the head's
+logits of the items already in the context. A dot product with the user's state cannot say
+"not one of these 50", an offset can: on Amazon Beauty no train target repeats an item of its
+context, and the gate learns a large negative offset; where users do re-consume it can grow.
 """
 from __future__ import annotations
 
@@ -51,10 +57,12 @@ class Memory:
     """The encoded context: cross-attention keys/values and which context tokens are real.
 
     kv holds one (k, v) per decoder layer (V1) or a single pair shared by all layers (V2);
-    k, v are (B, Hkv, S', hd) and key_mask (B, S'), S' = S + 1 (a leading user/start token)."""
+    k, v are (B, Hkv, S', hd) and key_mask (B, S'), S' = S + 1 (a leading user/start token);
+    items (B, S) the context's item indices (0 = padding) when the batch has them (the repeat gate)."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     key_mask: torch.Tensor
+    items: torch.Tensor | None = None
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[0] if len(self.kv) == 1 else self.kv[i]
@@ -62,7 +70,8 @@ class Memory:
     def select(self, index: torch.Tensor) -> Memory:
         """Rows `index` of the batch, e.g. arange(B).repeat_interleave(beam) for beam search."""
         return Memory([(k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv],
-                      self.key_mask.index_select(0, index))
+                      self.key_mask.index_select(0, index),
+                      None if self.items is None else self.items.index_select(0, index))
 
 
 class SemanticIdEmbedding(nn.Module):
@@ -240,6 +249,7 @@ class GenerativeRecommender(nn.Module):
             self.dense = nn.Linear(d, d, bias=False)
             # (N + 1, L) each item's semantic ID (row 0 padding); -1 until set_item_tables
             self.register_buffer("item_codes", torch.full((n_items + 1, self.n_levels), -1))
+        self.repeat = nn.Linear(d, 1) if cfg.repeat_gate else None            # see the module docstring
 
     @property
     def hparams(self) -> dict:
@@ -306,6 +316,8 @@ class GenerativeRecommender(nn.Module):
         flops = sum(linear_flops(1, d, self.codebook_sizes[j % self.n_levels]) for j in range(target_len))
         if self.dense is not None:
             flops += linear_flops(1, d, d) + linear_flops(1, d, self.item_codes.shape[0] - 1)
+        if self.repeat is not None:
+            flops += linear_flops(1, d, 1)
         return flops
 
     def bos_state(self, memory: Memory) -> torch.Tensor:
@@ -313,16 +325,28 @@ class GenerativeRecommender(nn.Module):
         bos = torch.full((memory.key_mask.shape[0], 1), self.emb.bos_id, device=memory.key_mask.device)
         return self.decode(bos, memory)[0][:, 0]
 
-    def item_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The dense head: h (B, D) decoder states at BOS -> (B, N) next-item logits, column j =
-        item index j + 1. Item vectors: level embeddings of its code + its per-item vector."""
+    def head_logits(self, memory: Memory) -> torch.Tensor:
+        """(B, N) the dense head's next-item logits for encoded contexts: item_logits at BOS."""
+        return self.item_logits(self.bos_state(memory), memory)
+
+    def item_logits(self, h: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """The dense head: h (B, D) decoder states at BOS of `memory`'s contexts -> (B, N)
+        next-item logits, column j = item index j + 1. Item vectors: level embeddings of its code
+        + its per-item vector; the repeat gate's offset on the context's items when it has one."""
         if self.dense is None:
             raise ValueError("the model has no dense head (model.dense_loss_weight = 0)")
         self._check_item_tables()
         # fp32 even under bf16 autocast: with dense_score_weight ~10, bf16's logit steps (~0.06
         # near 16) would reorder the ranking
         with torch.autocast(h.device.type, enabled=False):
-            return self.dense(h.float()) @ self.catalogue_vectors().T
+            logits = self.dense(h.float()) @ self.catalogue_vectors().T               # (B, N)
+            if self.repeat is None:
+                return logits
+            if memory.items is None:
+                raise ValueError("the model has a repeat gate but the batch has no 'context_items'")
+            seen = torch.zeros(logits.shape[0], logits.shape[1] + 1, device=logits.device)
+            seen = seen.scatter_(1, memory.items, 1.0)[:, 1:]                           # (B, N) 1 = in context
+            return logits + self.repeat(h.float()) * seen
 
     def catalogue_vectors(self) -> torch.Tensor:
         """(N, D) fp32 item vectors: level embeddings of each item's code + its per-item vector.
@@ -401,7 +425,7 @@ class GenerativeRecommender(nn.Module):
         if self.dense is not None:  # the next item (the session's first) from the BOS state
             if batch.get("target_items") is None:
                 raise ValueError("the model has a dense head but the batch has no 'target_items'")
-            item_ce = F.cross_entropy(self.item_logits(h[:, 0]), batch["target_items"][:, 0] - 1,
+            item_ce = F.cross_entropy(self.item_logits(h[:, 0], memory), batch["target_items"][:, 0] - 1,
                                       ignore_index=-1)                        # 0 = padding
             loss = loss + self.cfg.dense_loss_weight * item_ce
             parts["item_ce"] = item_ce

@@ -215,22 +215,25 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate_model(model: GenerativeRecommender, codes: ItemCodes, eval_set: EvalSet, beam_size: int,
-                   batch_size: int = 256, ks: Sequence[int] = EVAL_KS, trie=None) -> dict:
+                   batch_size: int = 256, ks: Sequence[int] = EVAL_KS, trie=None,
+                   exclude_history: bool = False) -> dict:
     """Full-ranking metrics of `model` on (users, histories, targets) as in `onerec.eval.evaluate`:
-    constrained beam search gives the top max(ks) items per user; score = max(ks) - rank for those,
-    -inf for all other items (so a target outside the top list ranks last, and R@k/N@k for k <=
-    max(ks) are exact). Items of the history stay in the ranking."""
+    constrained beam search gives the top beam_size items per user; score = beam_size - rank for
+    those, -inf for all other items (so a target outside the top list ranks last, and R@k/N@k for
+    k <= max(ks) are exact). Items of the history stay in the ranking unless `exclude_history`
+    (then a history item's place goes to the next of the beam_size: exact while at most
+    beam_size - max(ks) of them are in the list)."""
     device = next(model.parameters()).device
     trie = (codes.trie() if trie is None else trie).to(device)
     kmax = max(ks)
     if beam_size < kmax:
         raise ValueError(f"beam_size={beam_size} must be >= {kmax} to rank the top {kmax} items")
-    rank_score = torch.arange(kmax, 0, -1, dtype=torch.float32, device=device)   # (k,) best = k
+    rank_score = torch.arange(beam_size, 0, -1, dtype=torch.float32, device=device)   # (W,) best = W
 
     def score(histories, users=None) -> torch.Tensor:
         ctx = context_batch(histories, codes, model.cfg.max_seq_len, device)
         with _autocast(device):
-            rows, _ = topk_next_items(model, ctx, trie.allowed, trie.item_of, beam_size, kmax)  # (B, k)
+            rows, _ = topk_next_items(model, ctx, trie.allowed, trie.item_of, beam_size, beam_size)  # (B, W)
         scores = torch.full((len(histories), codes.n_items), -math.inf, device=device)   # (B, N)
         ok = rows >= 0
         user = torch.arange(len(histories), device=device)[:, None].expand_as(rows)
@@ -238,12 +241,13 @@ def evaluate_model(model: GenerativeRecommender, codes: ItemCodes, eval_set: Eva
         return scores
 
     return evaluate(score, None, eval_set.histories, eval_set.targets, codes.n_items, ks=ks,
-                    batch_size=batch_size)
+                    batch_size=batch_size, exclude_history=exclude_history)
 
 
 @torch.no_grad()
 def evaluate_dense_head(model: GenerativeRecommender, codes: ItemCodes, eval_set: EvalSet,
-                        batch_size: int = 256, ks: Sequence[int] = EVAL_KS) -> dict:
+                        batch_size: int = 256, ks: Sequence[int] = EVAL_KS,
+                        exclude_history: bool = False) -> dict:
     """The ablation of the hybrid: every item ranked by the dense head alone (no beam search,
     no semantic IDs at ranking time), as `evaluate_model` ranks by the model's own config."""
     if model.dense is None:
@@ -255,11 +259,11 @@ def evaluate_dense_head(model: GenerativeRecommender, codes: ItemCodes, eval_set
     def score(histories, users=None) -> torch.Tensor:
         with _autocast(device):  # as evaluate_model runs the hybrid
             memory = model.encode(context_batch(histories, codes, model.cfg.max_seq_len, device))
-            return model.item_logits(model.bos_state(memory))                       # (B, N) fp32
+            return model.head_logits(memory)                                       # (B, N) fp32
 
     try:
         return evaluate(score, None, eval_set.histories, eval_set.targets, codes.n_items, ks=ks,
-                        batch_size=batch_size)
+                        batch_size=batch_size, exclude_history=exclude_history)
     finally:
         model.train(was_training)
 

@@ -88,7 +88,8 @@ class OneRecV1(GenerativeRecommender):
         for block in self.encoder:
             x = block(x, mask)
         x = self.norm_enc(x)                                                  # (B, S', D)
-        return Memory([block.cross_kv(x) for block in self.decoder], mask)    # per layer (B, Hkv, S', hd)
+        kv = [block.cross_kv(x) for block in self.decoder]                   # per layer (B, Hkv, S', hd)
+        return Memory(kv, mask, batch.get("context_items"))
 
     def decode(self, ids: torch.Tensor, memory: Memory, cache: KVCache | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:

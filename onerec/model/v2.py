@@ -66,7 +66,7 @@ class OneRecV2(GenerativeRecommender):
     def encode(self, batch: Mapping[str, torch.Tensor]) -> Memory:
         x, mask = self.context(self.emb, batch)                               # (B, S', D), (B, S')
         k, v = self.context_kv(self.norm_ctx(self.drop(x)))                   # (B, Hkv, S', hd) each
-        return Memory([(k, v)], mask)
+        return Memory([(k, v)], mask, batch.get("context_items"))
 
     def decode(self, ids: torch.Tensor, memory: Memory, cache: KVCache | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,7 +70,7 @@ def sample_served(model, context: dict, item_codes: torch.Tensor, group: int, ca
         raise ValueError("the 'served' sampler needs the hybrid's dense head (model.dense_loss_weight > 0)")
     with eval_mode(model):
         memory = model.encode(context_only(context))
-        dense = model.item_logits(model.bos_state(memory)).float().log_softmax(-1)      # (B, N)
+        dense = model.head_logits(memory).float().log_softmax(-1)                     # (B, N)
         m = min(candidates, dense.shape[1])
         if group > m:
             raise ValueError(f"align.group_size={group} is above the {m} candidates to draw from")
@@ -91,7 +91,7 @@ def sample_logp(model, context: dict, codes: torch.Tensor, rows: torch.Tensor | 
     logp = item_logp(model, memory, codes)
     weight = model.cfg.dense_score_weight if model.dense is not None else 0.0
     if weight and rows is not None:
-        dense = model.item_logits(model.bos_state(memory)).log_softmax(-1)      # (B, N)
+        dense = model.head_logits(memory).log_softmax(-1)                     # (B, N)
         logp = logp + weight * dense.gather(1, rows.clamp(min=0))
     return logp
 

@@ -102,7 +102,7 @@ def test_the_served_sampler_draws_from_the_serving_score_among_the_heads_top_ite
     all_rows = torch.arange(12).expand(3, 12)
     with torch.no_grad():
         score = sample_logp(model, batch, codes[all_rows], rows=all_rows)             # (3, 12) every item
-        head = model.item_logits(model.bos_state(model.encode(batch))).log_softmax(-1)
+        head = model.head_logits(model.encode(batch)).log_softmax(-1)
     top = head.topk(6, dim=1).indices                                                # the 6 candidates
     g = torch.Generator().manual_seed(0)
     draws = torch.cat([sample_served(model, batch, codes, 1, 6, generator=g)[0] for _ in range(3000)], 1)  # (3, 3000)

@@ -22,6 +22,11 @@ def test_eval_trains_all_three_then_tests_a_saved_model_the_same(tmp_path, capsy
     assert figures["onerec_v2_recall@10"] > 0 and figures["users"] == 100
     assert "OneRec-V2 (this run)" in out and "published" not in out  # ml-100k: no published row
     assert "OneRec-V2: beam only (this run)" in out and "OneRec-V2: head only (this run)" in out
+    # the second table: the same models with the history masked, which can only move a target up
+    assert "(history items masked)" in out and isinstance(figures["onerec_beats_sasrec_masked"], bool)
+    for model in ("popularity", "sasrec", "onerec_v2", "onerec_v2_head_only"):
+        assert figures[f"{model}_masked_recall@10"] >= figures[f"{model}_recall@10"], model
+    assert figures["popularity_masked_recall@10"] > figures["popularity_recall@10"]  # it ranks history first
     # the saved model, tested again through --model, gives the same figures
     assert main([*args, "--out", str(tmp_path / "b"), "--model", figures["model_dir"]]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -361,8 +361,9 @@ def test_topk_next_items_are_distinct_valid_and_ranked_by_model_probability():
 
 
 def dense_model(arch: str = "v2", n_items: int = 12, attributes: bool = True, score_weight: float = 0.7,
-                device: str = "cpu"):
-    """A spread-weight model with the dense head (and attribute vectors), its tables filled."""
+                device: str = "cpu", repeat_gate: bool = True):
+    """A spread-weight model with the dense head (and attribute vectors, and the repeat gate),
+    its tables filled."""
     codes = random_codes(n_items, seed=3)
     g = torch.Generator().manual_seed(5)
     attrs = torch.randint(0, 5, (n_items + 1, 3), generator=g)                # 0 = none, 1..4
@@ -370,7 +371,7 @@ def dense_model(arch: str = "v2", n_items: int = 12, attributes: bool = True, sc
     extra = {"n_items": n_items, **({"n_attributes": 4, "attribute_slots": 3} if attributes else {})}
     model = spread_weights(make_model(arch, n_layers=1, d_model=16, device=device, item_embedding=True,
                                       item_attributes=attributes, dense_loss_weight=1.0,
-                                      dense_score_weight=score_weight, extra=extra))
+                                      dense_score_weight=score_weight, repeat_gate=repeat_gate, extra=extra))
     pad = torch.full((1, 3), -1)
     model.set_item_tables(item_codes=torch.cat([pad, codes]).to(device),
                           attributes=attrs.to(device) if attributes else None)
@@ -392,9 +393,10 @@ def test_catalogue_vectors_are_reused_at_inference_until_a_weight_changes():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arch,attributes", [("v1", False), ("v2", True), ("v1", True)])
-def test_dense_rerank_matches_the_reference_and_changes_the_ranking(device, arch, attributes):
-    model, codes = dense_model(arch, attributes=attributes, device=device)
+@pytest.mark.parametrize("arch,attributes,repeat_gate", [("v1", False, False), ("v2", True, True),
+                                                        ("v1", True, True), ("v2", False, False)])
+def test_dense_rerank_matches_the_reference_and_changes_the_ranking(device, arch, attributes, repeat_gate):
+    model, codes = dense_model(arch, attributes=attributes, device=device, repeat_gate=repeat_gate)
     batch = model_batch(make_batch(codes, 4, 5, 1, seed=2, device=device))
     allowed, item_of = brute_force_fns(codes)
     items, scores = topk_next_items(model, batch, allowed, item_of, beam_size=8, k=4)
@@ -406,7 +408,7 @@ def test_dense_rerank_matches_the_reference_and_changes_the_ranking(device, arch
     # the head's log-softmax (trie row r = item index r + 1 = the head's column r)
     beam_items, beam_scores = generate(model, batch, allowed, item_of, 8, 1, topk=8)
     with torch.no_grad():
-        head = model.item_logits(model.bos_state(model.encode(batch))).log_softmax(-1)
+        head = model.head_logits(model.encode(batch)).log_softmax(-1)
     checked = 0
     for u, i in itertools.product(range(4), range(4)):
         hit = (beam_items[u, :, 0] == items[u, i]).nonzero()
@@ -428,6 +430,52 @@ def test_item_vectors_are_the_item_row_plus_the_mean_of_its_attribute_rows():
             attrs = [a for a in table[i].tolist() if a > 0]
             want = model.context.item.weight[i] + (model.context.attr.weight[attrs].mean(0) if attrs else 0)
             torch.testing.assert_close(model.context.item_vectors(torch.tensor(i)), want)
+
+
+def test_the_repeat_gate_shifts_exactly_the_context_items_by_the_states_offset():
+    model, codes = dense_model()
+    batch = model_batch(make_batch(codes, 4, 5, 1, seed=6))
+    with torch.no_grad():
+        memory = model.encode(batch)
+        h = model.bos_state(memory)
+        gated = model.item_logits(h, memory)                                    # (4, 12)
+        offset = model.repeat(h)                                                # (4, 1)
+        model.repeat = None
+        plain = model.item_logits(h, memory)
+    seen = torch.zeros(4, 13, dtype=torch.bool).scatter_(1, batch["context_items"], True)[:, 1:]
+    assert seen.any() and (~seen).any()
+    torch.testing.assert_close(gated, plain + offset * seen)
+    assert (offset.abs() > 1e-3).all()                                          # the test can see a shift
+    with pytest.raises(ValueError, match="no 'context_items'"):
+        dense_model()[0].item_logits(h, dataclasses.replace(memory, items=None))
+
+
+def test_the_repeat_gate_learns_that_targets_never_repeat_the_context():
+    """Targets are always items outside the context (Beauty's shape): the gate's offset goes
+    well below zero, and the context's items fall below the rest in the head's ranking."""
+    codes = random_codes(12, seed=3)
+    model = make_model("v2", n_layers=1, d_model=32, item_embedding=True, dense_loss_weight=1.0,
+                       repeat_gate=True, extra={"n_items": 12})
+    model.set_item_tables(item_codes=torch.cat([torch.full((1, 3), -1), codes]))
+    g = torch.Generator().manual_seed(2)
+    ctx = torch.stack([torch.randperm(12, generator=g)[:6] for _ in range(64)])  # (64, 6) 0-based
+    unseen = torch.stack([torch.tensor([i for i in range(12) if i not in row]) for row in ctx.tolist()])
+    target = unseen.gather(1, torch.randint(0, 6, (64, 1), generator=g))         # (64, 1) never in context
+    batch = {"context": codes[ctx], "context_items": ctx + 1, "context_mask": torch.ones(64, 6, dtype=torch.bool),
+             "target": codes[target], "target_items": target + 1}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        _, loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        memory = model.encode(batch)
+        offset = model.repeat(model.bos_state(memory))
+        logits = model.head_logits(memory)
+    assert float(offset.max()) < 0 and float(offset.mean()) < -3.0
+    in_ctx = logits.gather(1, ctx).max(1).values                                 # the best context item
+    assert (in_ctx < logits.gather(1, unseen).max(1).values).all()
 
 
 @pytest.mark.parametrize("arch", ["v1", "v2"])
@@ -482,7 +530,7 @@ def test_unset_or_misshapen_item_tables_are_clear_errors():
     with pytest.raises(ValueError, match="needs n_attributes"):
         make_model("v2", item_embedding=True, item_attributes=True, extra={"n_items": 12})
     with pytest.raises(ValueError, match="no dense head"):
-        make_model("v2").item_logits(torch.zeros(1, 32))
+        make_model("v2").item_logits(torch.zeros(1, 32), None)
 
 
 def test_saved_dense_model_loads_with_its_tables(tmp_path):

@@ -350,11 +350,13 @@ def test_model_config_defaults_agree_with_the_model_constructors():
           **inspect.signature(OneRecV1.__init__).parameters}
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
     assert set(defaults) == {"n_kv_heads", "ffn_mult", "activation", "moe_aux_coef", "n_encoder_layers",
-                             "item_embedding", "item_attributes", "dense_loss_weight", "dense_score_weight"}
+                             "item_embedding", "item_attributes", "dense_loss_weight", "dense_score_weight",
+                             "repeat_gate"}
     # read from cfg, sized by n_items / n_attributes: off by default
     assert defaults.pop("item_embedding") is False and kw["n_items"].default == 0
     assert defaults.pop("item_attributes") is False and kw["n_attributes"].default == 0
     assert defaults.pop("dense_loss_weight") == 0.0 and defaults.pop("dense_score_weight") == 0.0
+    assert defaults.pop("repeat_gate") is False
     for name, value in defaults.items():
         model_default = kw[name].default
         assert value == (0 if model_default is None else model_default), name   # 0 = None = "same as"
