@@ -224,7 +224,8 @@ def reference_topk_next_items(model: GenerativeRecommender, context_batch: Mappi
                               trie: dict, beam_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `topk_next_items`, one user and one candidate at a time: the beam from
     `reference_beam_search`, each item's dense logit as an explicit dot product with its vector
-    (+ the repeat gate's offset for an item of the context), and each candidate's log-prob from decoding [BOS, its first L - 1 tokens] without a cache."""
+    (+ the repeat gate's offset for an item of the context), and each candidate's log-prob from
+    decoding [BOS, its first L - 1 tokens] without a cache."""
     weight = model.cfg.dense_score_weight if model.dense is not None else 0.0
     items, scores = reference_beam_search(model, context_batch, trie, beam_size, 1,
                                           topk=beam_size if weight else k)
@@ -245,14 +246,15 @@ def reference_topk_next_items(model: GenerativeRecommender, context_batch: Mappi
 
         h_bos = decode([])[0].float()                                         # (D,)
         query = model.dense(h_bos)                                            # (D,)
-        seen = set(context["context_items"][u].tolist()) if model.repeat is not None else set()
+        seen, offset = set(), 0.0                                             # the repeat gate
+        if model.repeat is not None:
+            seen, offset = set(context["context_items"][u].tolist()), float(model.repeat(h_bos))
         logits = []
         for j in range(n):                                                    # column j = item j + 1
             codes = model.item_codes[j + 1].tolist()
             vector = sum(model.emb.table.weight[offsets[lv] + codes[lv]] for lv in range(n_levels))
             vector = vector + model.context.item_vectors(torch.tensor(j + 1, device=device))
-            offset = float(model.repeat(h_bos)) if j + 1 in seen else 0.0    # the repeat gate
-            logits.append(float(query @ vector.float()) + offset)
+            logits.append(float(query @ vector.float()) + (offset if j + 1 in seen else 0.0))
         top = max(logits)
         log_z = top + math.log(sum(math.exp(x - top) for x in logits))
         by_dense = sorted(range(n), key=lambda j: -logits[j])[:beam_size]
