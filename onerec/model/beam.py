@@ -10,7 +10,8 @@
 - Scores are sums of the model's log-probabilities (log_softmax over the level's whole
   vocabulary, not renormalized over the allowed tokens), so they are comparable across beams.
 - The decoder's self-attention keys/values are kept in a KVCache and reordered with the beams,
-  so each step feeds one token per beam; the context is encoded once and repeated per beam.
+  so each step feeds one token per beam; the context is encoded once and its keys/values are
+  shared by the user's beams (cross-attention groups them), never copied per beam.
 - Beams that run out of valid continuations get score -inf and items -1 (only when fewer than
   beam_size valid sessions exist).
 
@@ -77,8 +78,7 @@ def _generate(model: GenerativeRecommender, memory, allowed_fn: AllowedFn, item_
     # every beam starts at BOS: decode it once per user, then fan the state out to the W beams
     bos = torch.full((b, 1), model.emb.bos_id, dtype=torch.long, device=device)
     h_bos = model.decode(bos, memory, cache)[0][:, -1]                        # (B, D)
-    cache.reorder(fan)
-    memory = memory.select(fan)                                               # (B*W, ...)
+    cache.reorder(fan)          # the memory stays (B, ...): a user's W beams share its row (CrossAttention)
     h = h_bos.index_select(0, fan)                                            # (B*W, D) step 0's state
     ids = bos                                                                 # each step's input tokens
     scores = torch.full((b, w), float("-inf"), device=device)                 # (B, W)
@@ -161,9 +161,8 @@ def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Te
 def item_logp(model: GenerativeRecommender, memory, codes: torch.Tensor) -> torch.Tensor:
     """codes (B, C, L) -> (B, C): each item's log-prob under the decoder (teacher forcing)."""
     b, c, n_levels = codes.shape
-    memory = memory.select(torch.arange(b, device=codes.device).repeat_interleave(c))  # (B*C, ...)
     target = codes.reshape(b * c, 1, n_levels)
-    h, _ = model.decode(model.input_ids(target), memory)                      # (B*C, L, D)
+    h, _ = model.decode(model.input_ids(target), memory)                      # (B*C, L, D), memory (B, ...)
     logp = sum(model.logits(h[:, level], level).float().log_softmax(-1)
                .gather(1, target[:, 0, level:level + 1])[:, 0] for level in range(n_levels))
     return logp.view(b, c)

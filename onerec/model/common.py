@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from onerec.config import ModelConfig
 
-from .layers import CrossAttention, KVCache, MoE, SelfAttention
+from .layers import CrossAttention, KVCache, MoE, SelfAttention, dropout_layer
 
 
 @dataclass
@@ -58,7 +58,8 @@ class Memory:
 
     kv holds one (k, v) per decoder layer (V1) or a single pair shared by all layers (V2);
     k, v are (B, Hkv, S', hd) and key_mask (B, S'), S' = S + 1 (a leading user/start token);
-    items (B, S) the context's item indices (0 = padding) when the batch has them (the repeat gate)."""
+    items (B, S) the context's item indices (0 = padding) when the batch has them (the repeat gate).
+    `decode` may feed g rows per memory row (a user's beams, consecutive): they share it."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     key_mask: torch.Tensor
@@ -66,12 +67,6 @@ class Memory:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[0] if len(self.kv) == 1 else self.kv[i]
-
-    def select(self, index: torch.Tensor) -> Memory:
-        """Rows `index` of the batch, e.g. arange(B).repeat_interleave(beam) for beam search."""
-        return Memory([(k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv],
-                      self.key_mask.index_select(0, index),
-                      None if self.items is None else self.items.index_select(0, index))
 
 
 class SemanticIdEmbedding(nn.Module):
@@ -242,7 +237,7 @@ class GenerativeRecommender(nn.Module):
                                         n_attributes, attribute_slots)
         self.max_target_len = cfg.session_len * self.n_levels
         self.position = nn.Embedding(self.max_target_len, d)                  # decoder positions
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = dropout_layer(cfg.dropout)
         self.heads = nn.ModuleList(nn.Linear(d, k, bias=False) for k in self.codebook_sizes)
         self.dense = None
         if cfg.dense_loss_weight > 0:

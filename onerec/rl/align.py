@@ -45,8 +45,7 @@ def sample_items(model, context: dict, trie, group: int, temperature: float = 1.
     valid prefixes -> rows (B, G) (catalogue rows, item index - 1) and codes (B, G, L)."""
     with eval_mode(model):
         memory = model.encode(context_only(context))
-        b = memory.key_mask.shape[0]
-        memory = memory.select(torch.arange(b, device=memory.key_mask.device).repeat_interleave(group))
+        b = memory.key_mask.shape[0]                                           # G rows per user share its memory
         ids = torch.full((b * group, 1), model.emb.bos_id, dtype=torch.long, device=memory.key_mask.device)
         tokens = ids.new_zeros(b * group, 0)
         for level in range(model.n_levels):

@@ -23,7 +23,7 @@ from onerec.model import (
     reference_topk_next_items,
     topk_next_items,
 )
-from onerec.model.layers import SelfAttention
+from onerec.model.layers import CrossAttention, SelfAttention
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SIZES = [4, 4, 4]
@@ -134,6 +134,31 @@ def test_cross_attention_shapes_and_gqa_padding(device):
     torch.testing.assert_close(attend(q, k2, v2, key_mask[:, None, None, :]), fast, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_heads,n_kv_heads,keys", [(2, 1, 1), (2, 1, 4), (4, 2, 3), (4, 4, 16)])
+def test_one_query_over_a_few_keys_matches_reference(device, n_heads, n_kv_heads, keys):
+    """A beam-search step (one query, the KV cache's few keys, no mask) takes its own fast path."""
+    torch.manual_seed(0)
+    q = torch.randn(5, n_heads, 1, 8, device=device)
+    k, v = torch.randn(2, 5, n_kv_heads, keys, 8, device=device)
+    torch.testing.assert_close(attend(q, k, v), attend(q, k, v, reference=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_attention_shares_a_key_row_among_its_group_of_query_rows(device):
+    """3 users x 4 beams reading their user's memory row = the memory copied to every beam."""
+    torch.manual_seed(0)
+    attn = CrossAttention(16, 4).to(device).eval()
+    x = torch.randn(12, 2, 16, device=device)                                 # (B'*g, T, D)
+    k, v = torch.randn(2, 3, 2, 5, 4, device=device)                           # (B', Hkv, S, hd)
+    key_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool, device=device)
+    fan = torch.arange(3, device=device).repeat_interleave(4)
+    copied = attn(x, k[fan], v[fan], key_mask[fan])
+    torch.testing.assert_close(attn(x, k, v, key_mask), copied, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not divide"):
+        attn(x[:10], k, v, key_mask)
+
+
 def test_kv_cache_decoding_matches_full_causal_attention():
     torch.manual_seed(0)
     attn = SelfAttention(32, 4, 2, causal=True).eval()
@@ -147,19 +172,21 @@ def test_kv_cache_decoding_matches_full_causal_attention():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("top_k,activation", [(1, "swiglu"), (2, "swiglu"), (2, "gelu"), (4, "swiglu")])
-def test_moe_dispatch_matches_reference_loop(top_k, activation):
+@pytest.mark.parametrize("top_k,activation,tokens", [(1, "swiglu", 5), (2, "swiglu", 5), (2, "gelu", 5),
+                                                     (4, "swiglu", 5), (1, "swiglu", 1)])
+def test_moe_dispatch_matches_reference_loop(top_k, activation, tokens):
+    """tokens=1: 3 tokens over 4 experts (top-1), so at least one expert gets none."""
     torch.manual_seed(0)
     moe = MoE(16, 24, 4, top_k, activation)
     with torch.no_grad():
         moe.router.weight.normal_(0, 1.0)                                        # uneven loads
-    x = torch.randn(3, 5, 16, requires_grad=True)
+    x = torch.randn(3, tokens, 16, requires_grad=True)
     out, aux = moe(x)
     grads = torch.autograd.grad((out.square().sum() + aux), [x, moe.w_in, moe.router.weight])
     moe.reference = True
     ref_out, ref_aux = moe(x)
     ref_grads = torch.autograd.grad((ref_out.square().sum() + ref_aux), [x, moe.w_in, moe.router.weight])
-    assert out.shape == (3, 5, 16)
+    assert out.shape == (3, tokens, 16)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(aux, ref_aux, atol=1e-6, rtol=1e-6)
     for g, r in zip(grads, ref_grads):
