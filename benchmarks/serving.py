@@ -19,7 +19,9 @@ backfill put online, one user and k items per request):
   (c) the same server with serving.max_batch_size=1 (no batching).
 
 Per mode and level: QPS, p50/p99 latency (ms) and errors (non-200 answers, wrong item counts,
-connection failures), after --warmup-s seconds. Ratios: (b)/(a) latency (the predictor's
+connection failures), after --warmup-s seconds; over HTTP also the mean batch size and the mean
+time a request waited for its batch, and per batch the feature lookup's and the beam search's
+milliseconds (the server's /metrics, warm-up included). Ratios: (b)/(a) latency (the predictor's
 overhead) at each level, and the batching gain QPS (b)/(c). The target (issue 7): p99 < 50 ms
 with zero errors at the highest concurrency that stays error-free, 2 CPU cores, `small` model.
 The model is `--model DIR` (a saved `onerec train` output, e.g. `.onerec/models/small-v2` after
@@ -39,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,6 +112,20 @@ def http_caller(url: str, model_name: str, k: int, concurrency: int) -> Callable
         return resp.status == 200 and len(json.loads(data)["predictions"][0]["items"]) == k
 
     return call
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """The predictor's batching figures from its Prometheus /metrics: requests batched, batches,
+    seconds waited in the queue, seconds in feature lookups and in beam search."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    wanted = {"onerec_serving_batch_items_sum": "items", "onerec_serving_batch_items_count": "batches",
+              "onerec_serving_queue_seconds_sum": "queue_s", "onerec_serving_queue_seconds_count": "jobs",
+              "onerec_serving_feature_seconds_sum": "feature_s", "onerec_serving_generation_seconds_sum": "generation_s"}
+    return {wanted[s.name]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name in wanted}
 
 
 def register_champion(uri: str, model_name: str, folder: Path) -> str:
@@ -213,7 +230,15 @@ def main(argv: list[str] | None = None) -> int:
                 cpu0, wall0 = time.process_time(), time.monotonic()
                 for c in levels:
                     call = http_caller(server.url, cfg.registry.model_name, args.k, c)
+                    before = server_counters(server.url)
                     results[mode][c] = closed_loop(call, users, c, args.seconds, args.warmup_s)
+                    after = server_counters(server.url)
+                    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+                    results[mode][c].update(       # over warm-up + measured seconds
+                        mean_batch=round(delta["items"] / max(delta["batches"], 1), 2),
+                        mean_queue_ms=round(1000 * delta["queue_s"] / max(delta["jobs"], 1), 2),
+                        batch_feature_ms=round(1000 * delta["feature_s"] / max(delta["batches"], 1), 2),
+                        batch_generation_ms=round(1000 * delta["generation_s"] / max(delta["batches"], 1), 2))
                     log(f"({'b' if mode == 'http_batched' else 'c'}) {mode:<15} C={c:<3} {results[mode][c]}")
                 cpu_share[mode] = round((time.process_time() - cpu0) / (time.monotonic() - wall0), 2)
     finally:
