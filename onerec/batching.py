@@ -10,9 +10,12 @@ items (a job is never split, so one job larger than max_batch runs alone): under
 up while the previous batch runs and the next batch takes them all. When the previous batch held
 more than one job (callers are concurrent), it also waits up to `max_wait_s` for more: callers
 just answered come back within a few ms, and without the wait C callers settle into alternating
-half-size batches, each waiting for the other. A lone caller never waits. More than `max_pending` jobs waiting
--> `Overloaded` (shed load rather than let latency grow without bound). An exception from the
-batch function fails exactly the jobs of that batch. max_batch=1 turns batching off (one job per
+half-size batches, each waiting for the other. A lone caller never waits. Load is shed, rather
+than letting latency grow without bound, in two ways, both `Overloaded` (HTTP 503, retry later):
+more than `max_pending` jobs waiting refuses a new one at once; and with `max_queue_s` > 0 a job
+that has already waited longer than that when its batch starts is dropped, not run: its answer
+would come too late for the latency target anyway, and running it would make the jobs behind it
+late too. An exception from the batch function fails exactly the jobs of that batch. max_batch=1 turns batching off (one job per
 call, the same thread and queue: the baseline the benchmark compares against).
 """
 from __future__ import annotations
@@ -24,10 +27,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 BATCH_ITEMS = Histogram("onerec_serving_batch_items", "requests per batched call",
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+SHED = Counter("onerec_serving_shed", "jobs dropped unrun: they waited longer than max_queue_s")
 QUEUE_SECONDS = Histogram("onerec_serving_queue_seconds", "time a job waited for its batch to start",
                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
 
@@ -48,10 +52,10 @@ _STOP = object()
 
 class MicroBatcher:
     def __init__(self, fn: Callable[[list], list], max_batch: int, max_wait_s: float, max_pending: int,
-                 name: str = "batcher"):
-        if max_batch < 1 or max_wait_s < 0 or max_pending < 1:
-            raise ValueError("max_batch and max_pending must be >= 1 and max_wait_s >= 0")
-        self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
+                 name: str = "batcher", max_queue_s: float = 0.0):
+        if max_batch < 1 or max_wait_s < 0 or max_pending < 1 or max_queue_s < 0:
+            raise ValueError("max_batch and max_pending must be >= 1, max_wait_s and max_queue_s >= 0")
+        self.fn, self.max_batch, self.max_wait_s, self.max_queue_s = fn, max_batch, max_wait_s, max_queue_s
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._closed = False
         self._last_jobs = 1                   # jobs in the previous batch
@@ -113,6 +117,17 @@ class MicroBatcher:
         started = time.monotonic()
         for job in jobs:
             QUEUE_SECONDS.observe(started - job.queued_at)
+        if self.max_queue_s:
+            late = [job for job in jobs if started - job.queued_at > self.max_queue_s]
+            for job in late:
+                job.future.set_exception(Overloaded(
+                    f"waited {1000 * (started - job.queued_at):.0f} ms for a batch, more than the "
+                    f"{1000 * self.max_queue_s:.0f} ms allowed; retry later"))
+            SHED.inc(len(late))
+            jobs = [job for job in jobs if all(job is not j for j in late)]
+            n = sum(len(job.items) for job in jobs)
+            if not jobs:
+                return
         BATCH_ITEMS.observe(n)
         try:
             results = self.fn([item for job in jobs for item in job.items])

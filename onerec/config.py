@@ -333,6 +333,9 @@ class ServingConfig:
     max_batch_size: int       # requests batched into one feature lookup + beam search; 1 = no batching
     max_batch_wait_ms: float  # after a batch of several requests, how long the next waits for more
     max_pending: int          # requests waiting beyond this are refused with 503 (load shedding)
+    max_queue_ms: float       # a request that waited longer than this for its batch is shed (503); 0 = never
+    model_process: bool       # beam search in a child process with its own GIL (onerec/model_process.py)
+    model_threads: int        # torch threads for the beam search; 0 = torch's default
 
     def validate(self, key: str) -> None:
         _check(1 <= self.default_k <= self.max_k, f"{key}.default_k", "must be in 1..max_k")
@@ -342,6 +345,8 @@ class ServingConfig:
         _check(self.max_batch_size >= 1, f"{key}.max_batch_size", "must be >= 1 (1 = no batching)")
         _check(self.max_batch_wait_ms >= 0, f"{key}.max_batch_wait_ms", "must be >= 0")
         _check(self.max_pending >= 1, f"{key}.max_pending", "must be >= 1")
+        _check(self.max_queue_ms >= 0, f"{key}.max_queue_ms", "must be >= 0 (0 = never shed)")
+        _check(self.model_threads >= 0, f"{key}.model_threads", "must be >= 0 (0 = torch's default)")
 
 
 @dataclass(frozen=True)

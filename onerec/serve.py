@@ -3,6 +3,7 @@
     req = parse_request(payload, cfg.serving)        # validated at the boundary (RequestError = 400)
     router = ABRouter.from_file(path)                # deterministic variant per (salt, user)
     served = ServedModel.from_dir(model_dir, version="3", alias="champion")
+    served = ServedModel.from_dir(model_dir, "3", "champion", worker=ModelProcess())  # the model in a child
     rec = Recommender({"champion": served}, features, router, cfg.serving)
     rec.recommend([req, ...])                        # one batched beam search per variant
 
@@ -27,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import yaml
 from prometheus_client import Counter, Histogram
 
 from onerec.config import ServingConfig
+from onerec.model_process import ModelProcess
 
 CHAMPION_ONLY = "control"
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -188,32 +190,50 @@ class ABRouter:
 
 @dataclass
 class ServedModel:
-    """A loaded registry version: the model, its catalogue and trie, ready for beam search."""
-    model: object
+    """A loaded registry version: its catalogue and the model, ready for beam search. The model
+    runs here (model, trie set) or in a ModelProcess (worker set, model and trie None), keyed
+    by the version's directory."""
+    model: object | None
     item_ids: np.ndarray          # (N,) raw ids; item index i + 1 <-> item_ids[i]
     codes: object                 # ItemCodes
-    trie: object                  # CodeTrie on the model's device
+    trie: object | None           # CodeTrie on the model's device
     version: str
     alias: str
-    max_seq_len: int = field(init=False)
+    worker: ModelProcess | None = None
+    directory: str = ""
 
-    def __post_init__(self):
-        self.max_seq_len = self.model.cfg.max_seq_len
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.cfg.max_seq_len
 
     @classmethod
-    def from_dir(cls, directory: str | Path, version: str, alias: str, device: str = "cpu") -> ServedModel:
+    def from_dir(cls, directory: str | Path, version: str, alias: str, device: str = "cpu",
+                 worker: ModelProcess | None = None) -> ServedModel:
         from onerec.eval.baselines import ItemIndex
         from onerec.model.data import ItemCodes
-        from onerec.model.train import load_model
+        from onerec.model.train import TOKENIZER_DIR, load_model
+        from onerec.tokenizer import SemanticIdTokenizer
 
-        model, tok = load_model(directory, device)
+        if worker is None:
+            model, tok = load_model(directory, device)
+        else:                                   # the catalogue here, the model there
+            model, tok = None, (SemanticIdTokenizer.load(Path(directory) / TOKENIZER_DIR)
+                                if (Path(directory) / TOKENIZER_DIR).is_dir() else None)
         if tok is None:
             raise ValueError(f"{directory}: no tokenizer/ beside the weights: not a servable model")
         index = ItemIndex(np.asarray(tok.item_ids, dtype=np.int64))
         codes = ItemCodes.from_tokenizer(tok, index)
+        if worker is not None:
+            worker.load(str(directory))          # checks the weights against the tokenizer, warms up
+            return cls(None, index.item_ids, codes, None, str(version), alias, worker, str(directory))
         served = cls(model, index.item_ids, codes, codes.trie().to(device), str(version), alias)
         served.top_items([np.array([1])], 1, 1)           # warm up (first-call allocations) before traffic
         return served
+
+    def release(self) -> None:
+        """Free the model in the worker (a no-op for a model that runs here)."""
+        if self.worker is not None:
+            self.worker.unload(self.directory)
 
     def histories(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Raw item ids -> this model's item indices; items it does not know are left out."""
@@ -228,6 +248,8 @@ class ServedModel:
     @torch.no_grad()
     def top_items(self, histories: list[np.ndarray], k: int, beam_size: int) -> tuple[np.ndarray, np.ndarray]:
         """-> raw item ids (B, k) and scores (B, k), best first."""
+        if self.worker is not None:
+            return self.worker.top_items(self.directory, histories, k, beam_size)
         from onerec.model import topk_next_items
         from onerec.model.data import context_batch
 

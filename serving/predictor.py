@@ -28,15 +28,17 @@ from prometheus_client import Counter, Histogram
 from onerec.batching import MicroBatcher, Overloaded
 from onerec.config import Config
 from onerec.exposures import ExposureLog
+from onerec.model_process import ModelProcess
 from onerec.serve import ABRouter, FeatureSource, Recommender, RequestError, ServedModel, parse_request
 
 
 REQUEST_SECONDS = Histogram("onerec_serving_request_seconds", "predict() per HTTP request",
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 BAD_REQUESTS = Counter("onerec_serving_bad_requests", "requests refused with 400")
-OVERLOADED = Counter("onerec_serving_overloaded", "requests refused with 503: too many waiting")
+OVERLOADED = Counter("onerec_serving_overloaded", "requests refused with 503: too many waiting, or shed")
 FAILURES = Counter("onerec_serving_failures", "requests that failed in the model or the feature lookup (500)")
 RELOADS = Counter("onerec_serving_reloads", "model swaps after an alias moved, by outcome", ["outcome"])
+RETIRED_GRACE_S = 30.0     # a swapped-out model is freed this long after the swap (no batch runs that long)
 log = logging.getLogger(__name__)
 
 
@@ -54,12 +56,16 @@ class OneRecPredictor(kserve.Model):
         self.router = ABRouter(cfg.serving.ab_config or None)
         self.recommender: Recommender | None = None
         self.batcher: MicroBatcher | None = None
+        self.worker: ModelProcess | None = None       # runs the beam search when serving.model_process
+        self._retired: list[tuple[float, ServedModel]] = []   # swapped out; released after a grace period
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self._tmp = tempfile.TemporaryDirectory(prefix="onerec-serving-")
 
     def load(self) -> bool:
         """Fetch every alias the A/B config uses (champion always) and open the feature store."""
+        if self.cfg.serving.model_process and self.worker is None:
+            self.worker = ModelProcess(self.device, self.cfg.serving.model_threads)
         models = self._fetch(self.router.aliases() | {"champion"})
         features = self.features
         if features is None:
@@ -72,7 +78,7 @@ class OneRecPredictor(kserve.Model):
         if self.batcher is None:
             s = self.cfg.serving
             self.batcher = MicroBatcher(self.recommender.recommend, s.max_batch_size, s.max_batch_wait_ms / 1000,
-                                        s.max_pending, name="recommend-batcher")
+                                        s.max_pending, name="recommend-batcher", max_queue_s=s.max_queue_ms / 1000)
         if self.model_dirs is None and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="alias-watcher", daemon=True)
             self._watcher.start()
@@ -93,16 +99,27 @@ class OneRecPredictor(kserve.Model):
             return False
         keep = {a: m for a, m in self.recommender.models.items() if current.get(a) == m.version}
         fresh = self._fetch(set(current) - set(keep))
+        retiring = [m for a, m in self.recommender.models.items() if a not in keep]
         self.recommender.swap({**keep, **fresh})
+        # a batch that began before the swap may still run on a retired model: free it later
+        self._retired += [(time.monotonic(), m) for m in retiring]
         for alias, old in served.items():                 # old versions' downloads are no longer read
             if current.get(alias) != old:
                 shutil.rmtree(f"{self._tmp.name}/{alias}-v{old}", ignore_errors=True)
         log.info("swapped models: %s -> %s", served, current)
         return True
 
+    def release_retired(self, grace_s: float = RETIRED_GRACE_S) -> None:
+        """Free the models swapped out more than grace_s ago (in the model process: its memory)."""
+        now = time.monotonic()
+        for entry in [e for e in self._retired if now - e[0] >= grace_s]:
+            self._retired.remove(entry)
+            entry[1].release()
+
     def _watch(self) -> None:
         while not self._stop.wait(self.cfg.serving.reload_poll_s):
             try:
+                self.release_retired()
                 if self.reload_if_moved():
                     RELOADS.labels("swapped").inc()
             except Exception as exc:  # noqa: BLE001 - keep serving the models we have
@@ -116,12 +133,14 @@ class OneRecPredictor(kserve.Model):
             self.batcher.close()
         if self.exposures is not None:
             self.exposures.close()
+        if self.worker is not None:
+            self.worker.close()
         super().stop()
 
     def _fetch(self, aliases: set[str]) -> dict[str, ServedModel]:
         if self.model_dirs is not None:
-            return {a: ServedModel.from_dir(d, v, a, self.device) for a, (d, v) in self.model_dirs.items()
-                    if a in aliases}
+            return {a: ServedModel.from_dir(d, v, a, self.device, self.worker)
+                    for a, (d, v) in self.model_dirs.items() if a in aliases}
         from onerec.registry import Registry
 
         reg = Registry.connect(self.tracking_uri, self.cfg.registry.model_name)
@@ -132,7 +151,7 @@ class OneRecPredictor(kserve.Model):
         models = {}
         for alias in sorted(aliases & set(current)):
             folder = reg.download(current[alias], f"{self._tmp.name}/{alias}-v{current[alias]}")
-            models[alias] = ServedModel.from_dir(folder, current[alias], alias, self.device)
+            models[alias] = ServedModel.from_dir(folder, current[alias], alias, self.device, self.worker)
         return models
 
     async def predict(self, payload, headers=None, response_headers=None):
@@ -156,12 +175,10 @@ class OneRecPredictor(kserve.Model):
             BAD_REQUESTS.inc()
             raise InvalidInput(str(exc)) from None
         try:
-            pending = self.batcher.submit(requests)
-        except Overloaded as exc:
+            recs = await asyncio.wrap_future(self.batcher.submit(requests))
+        except Overloaded as exc:                         # too many waiting, or waited too long
             OVERLOADED.inc()
             raise ServerNotReady(str(exc)) from None      # 503: the client retries (with backoff)
-        try:
-            recs = await asyncio.wrap_future(pending)
         except Exception:
             FAILURES.inc()                                # the guardrails' error rate counts these
             raise

@@ -126,6 +126,22 @@ def test_more_waiting_jobs_than_max_pending_is_refused_and_the_rest_complete():
     batcher.close()
 
 
+def test_jobs_that_waited_longer_than_max_queue_are_shed_unrun_and_fresh_ones_run():
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.0, max_pending=100, max_queue_s=0.05)
+    first = hold_worker(fn, batcher, [1])                 # runs at once: it waited ~0 ms
+    stale = [batcher.submit([2]), batcher.submit([3])]
+    threading.Event().wait(0.15)                          # they wait 150 ms behind the held batch
+    fn.gate.set()
+    assert first.result(5) == [2]
+    for future in stale:
+        with pytest.raises(Overloaded, match=r"waited 1\d\d ms for a batch, more than the 50 ms allowed"):
+            future.result(5)
+    assert fn.batches == [[1]]                            # the shed jobs never reached fn
+    assert batcher.submit([4]).result(5) == [8]           # a job that does not wait still runs
+    batcher.close()
+
+
 def test_close_finishes_queued_jobs_then_refuses_new_ones():
     fn = Recorder()
     batcher = MicroBatcher(fn, max_batch=1, max_wait_s=0.0, max_pending=10)

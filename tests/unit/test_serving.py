@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections import Counter
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -38,10 +39,14 @@ class Features(FeatureSource):
         return self.ranked[:n]
 
 
+IN_THREAD = ["serving.model_process=false"]
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Two saved (untrained, differently seeded) debug models and the debug users' histories."""
-    cfg = load_config("debug")
+    """Two saved (untrained, differently seeded) debug models and the debug users' histories.
+    The models run on the batcher's thread here (test_model_process.py covers the child process)."""
+    cfg = load_config("debug", IN_THREAD)
     data = offline_data(cfg.data)
     tok = fit_tokenizer(data.split.train, data.dataset.items, cfg.tokenizer, cfg.seed)
     dirs = {}
@@ -59,7 +64,7 @@ def predictor(served, ab_config: str = "", **kw):
     from serving.predictor import OneRecPredictor
 
     cfg, dirs, histories, popular, _ = served
-    cfg = load_config("debug", [f"serving.ab_config={ab_config}"]) if ab_config else cfg
+    cfg = load_config("debug", [*IN_THREAD, f"serving.ab_config={ab_config}"]) if ab_config else cfg
     p = OneRecPredictor("onerec", cfg, model_dirs=dirs, features=kw.get("features") or Features(histories, popular))
     assert p.load() and p.ready
     return p
@@ -171,6 +176,24 @@ def test_a_full_queue_is_503_not_a_pile_up(served):
 
     p.batcher = Full()
     with pytest.raises(ServerNotReady, match="already waiting"):
+        ask(p, {"instances": [{"user_id": 1}]})
+
+
+def test_a_request_shed_for_waiting_too_long_is_503_not_500(served):
+    from kserve.errors import ServerNotReady
+
+    from onerec.batching import Overloaded
+
+    p = predictor(served)
+
+    class Shedding:
+        def submit(self, items):
+            future = Future()
+            future.set_exception(Overloaded("waited 40 ms for a batch, more than the 25 ms allowed; retry later"))
+            return future
+
+    p.batcher = Shedding()
+    with pytest.raises(ServerNotReady, match="more than the 25 ms allowed"):
         ask(p, {"instances": [{"user_id": 1}]})
 
 
