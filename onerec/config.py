@@ -333,7 +333,8 @@ class ServingConfig:
     max_batch_size: int       # requests batched into one feature lookup + beam search; 1 = no batching
     max_batch_wait_ms: float  # after a batch of several requests, how long the next waits for more
     max_pending: int          # requests waiting beyond this are refused with 503 (load shedding)
-    max_queue_ms: float       # a request that waited longer than this for its batch is shed (503); 0 = never
+    max_queue_ms: float       # shed (503) a request that waited longer while the queue stands; 0 = never
+    standing_queue_ms: float  # the queue stands when no request started within max_queue_ms for this long
     model_process: bool       # beam search in a child process with its own GIL (onerec/model_process.py)
     model_threads: int        # torch threads for the beam search; 0 = torch's default
 
@@ -346,6 +347,7 @@ class ServingConfig:
         _check(self.max_batch_wait_ms >= 0, f"{key}.max_batch_wait_ms", "must be >= 0")
         _check(self.max_pending >= 1, f"{key}.max_pending", "must be >= 1")
         _check(self.max_queue_ms >= 0, f"{key}.max_queue_ms", "must be >= 0 (0 = never shed)")
+        _check(self.standing_queue_ms >= 0, f"{key}.standing_queue_ms", "must be >= 0")
         _check(self.model_threads >= 0, f"{key}.model_threads", "must be >= 0 (0 = torch's default)")
 
 

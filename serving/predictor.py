@@ -78,7 +78,8 @@ class OneRecPredictor(kserve.Model):
         if self.batcher is None:
             s = self.cfg.serving
             self.batcher = MicroBatcher(self.recommender.recommend, s.max_batch_size, s.max_batch_wait_ms / 1000,
-                                        s.max_pending, name="recommend-batcher", max_queue_s=s.max_queue_ms / 1000)
+                                        s.max_pending, name="recommend-batcher", max_queue_s=s.max_queue_ms / 1000,
+                                        standing_s=s.standing_queue_ms / 1000)
         if self.model_dirs is None and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="alias-watcher", daemon=True)
             self._watcher.start()

@@ -126,12 +126,12 @@ def test_more_waiting_jobs_than_max_pending_is_refused_and_the_rest_complete():
     batcher.close()
 
 
-def test_jobs_that_waited_longer_than_max_queue_are_shed_unrun_and_fresh_ones_run():
+def test_under_a_standing_queue_jobs_that_waited_longer_than_max_queue_are_shed_unrun():
     fn = Recorder()
-    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.0, max_pending=100, max_queue_s=0.05)
+    batcher = MicroBatcher(fn, max_batch=1, max_wait_s=0.0, max_pending=100, max_queue_s=0.05, standing_s=0.1)
     first = hold_worker(fn, batcher, [1])                 # runs at once: it waited ~0 ms
     stale = [batcher.submit([2]), batcher.submit([3])]
-    threading.Event().wait(0.15)                          # they wait 150 ms behind the held batch
+    threading.Event().wait(0.15)                          # 150 ms behind the held batch: the queue stands
     fn.gate.set()
     assert first.result(5) == [2]
     for future in stale:
@@ -139,6 +139,18 @@ def test_jobs_that_waited_longer_than_max_queue_are_shed_unrun_and_fresh_ones_ru
             future.result(5)
     assert fn.batches == [[1]]                            # the shed jobs never reached fn
     assert batcher.submit([4]).result(5) == [8]           # a job that does not wait still runs
+    batcher.close()
+
+
+def test_a_burst_behind_one_slow_batch_is_not_shed():
+    """The queue emptied within standing_s: the jobs waited long, but nothing stands, so they run."""
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.0, max_pending=100, max_queue_s=0.05, standing_s=1.0)
+    first = hold_worker(fn, batcher, [1])
+    late = [batcher.submit([2]), batcher.submit([3])]
+    threading.Event().wait(0.15)
+    fn.gate.set()
+    assert first.result(5) == [2] and [f.result(5) for f in late] == [[4], [6]]
     batcher.close()
 
 
