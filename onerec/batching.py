@@ -8,9 +8,10 @@ search per variant), on one worker thread, so the server's event loop stays free
 The worker takes the oldest waiting job, then adds every job already waiting, up to `max_batch`
 items (a job is never split, so one job larger than max_batch runs alone): under load, jobs queue
 up while the previous batch runs and the next batch takes them all. When the previous batch held
-more than one job (callers are concurrent), it also waits up to `max_wait_s` for more: callers
-just answered come back within a few ms, and without the wait C callers settle into alternating
-half-size batches, each waiting for the other. A lone caller never waits.
+more than one job, or the first job arrived while it ran (callers are concurrent), the batch also
+waits up to `max_wait_s` for more: callers just answered come back within a few ms, and without
+the wait C callers settle into alternating half-size batches, each waiting for the other (at 2
+clients, batches of one: each request waited for the other's). A lone caller never waits.
 
 Load is shed, rather than letting latency grow without bound, in two ways, both `Overloaded`
 (HTTP 503, retry later). More than `max_pending` jobs waiting refuses a new one at once. And with
@@ -67,7 +68,7 @@ class MicroBatcher:
         self._prompt_at = time.monotonic()    # when a job last started within max_queue_s of its arrival
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._closed = False
-        self._last_jobs = 1                   # jobs in the previous batch
+        self._last_jobs, self._last_end = 1, 0.0   # jobs in the previous batch, when it ended
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
@@ -96,9 +97,11 @@ class MicroBatcher:
             self._queue.put(_STOP)
             self._worker.join(timeout_s)
 
-    def wait_s(self) -> float:
-        """How long the next batch may wait for more jobs: max_wait_s after a batch of several."""
-        return self.max_wait_s if self._last_jobs > 1 else 0.0
+    def wait_s(self, arrived_at: float) -> float:
+        """How long a batch whose first job arrived at `arrived_at` may wait for more: max_wait_s
+        when callers are concurrent (the previous batch held several jobs, or this one arrived
+        while the previous batch ran), else 0."""
+        return self.max_wait_s if self._last_jobs > 1 or arrived_at < self._last_end else 0.0
 
     def _run(self) -> None:
         while True:
@@ -106,7 +109,7 @@ class MicroBatcher:
             if first is _STOP:
                 return
             jobs, n, stop = [first], len(first.items), False
-            deadline = time.monotonic() + self.wait_s()
+            deadline = time.monotonic() + self.wait_s(first.queued_at)
             while n < self.max_batch:
                 try:
                     job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -118,7 +121,7 @@ class MicroBatcher:
                 jobs.append(job)
                 n += len(job.items)
             self._run_batch(jobs, n)
-            self._last_jobs = len(jobs)
+            self._last_jobs, self._last_end = len(jobs), time.monotonic()
             if stop:
                 return
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -174,12 +175,28 @@ def test_empty_jobs_resolve_at_once_and_bad_limits_are_refused():
         MicroBatcher(lambda items: items, max_batch=0, max_wait_s=0.0, max_pending=2)
 
 
-def test_only_a_batch_of_several_jobs_makes_the_next_one_wait():
+def test_only_concurrent_callers_make_a_batch_wait():
     fn = Recorder()
     batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.25, max_pending=100)
-    assert batcher([1]) == [2] and batcher.wait_s() == 0.0             # a lone caller: no wait
+    assert batcher([1]) == [2] and batcher.wait_s(time.monotonic()) == 0.0   # a lone caller: no wait
     _, futures = submit_while_held(fn, batcher, [[2], [3]])
     [f.result(5) for f in futures]
-    assert fn.batches[-1] == [2, 3] and batcher.wait_s() == 0.25      # concurrent callers: wait
-    assert batcher([4]) == [8] and batcher.wait_s() == 0.0
+    assert fn.batches[-1] == [2, 3] and batcher.wait_s(time.monotonic()) == 0.25  # after several: wait
+    assert batcher([4]) == [8] and batcher.wait_s(time.monotonic()) == 0.0
+    batcher.close()
+
+
+def test_a_job_that_arrived_during_a_batch_of_one_waits_for_its_peer():
+    """Two callers: B arrives while A's batch runs; its batch then waits for A's next request
+    instead of running alone (and making A's next request wait for it in turn)."""
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.5, max_pending=100)
+    first = hold_worker(fn, batcher, [1])
+    during = batcher.submit([2])
+    fn.gate.set()
+    assert first.result(5) == [2]
+    threading.Event().wait(0.05)                                     # A's caller comes back
+    again = batcher.submit([3])
+    assert during.result(5) == [4] and again.result(5) == [6]
+    assert fn.batches == [[1], [2, 3]]
     batcher.close()
