@@ -7,9 +7,9 @@
     worker.close()
 
 Why: under load, KServe's event loop (HTTP, JSON, the Feast lookup) holds the GIL much of the
-time, and each of the ~1,500 torch calls of a batched beam search has to take it back. Inside
-the server the same batch ran 2-3x slower than alone (benchmarks/RESULTS.md). A child process
-has a GIL of its own.
+time, and each of the ~1,800 Python-level torch calls of a batched beam search has to take it
+back. Inside the server the same batch ran 2-3x slower than alone (benchmarks/RESULTS.md). A
+child process has a GIL of its own.
 
 The child is `python -m onerec.model_process` (a fresh interpreter: no forked torch or thread
 state, and unlike multiprocessing's spawn it never re-imports the server's main module). It gets
@@ -18,7 +18,7 @@ two socket pairs:
 - `control` carries load and unload. A thread in the child serves it, so a hot reload
   loading a new version never stalls the batches in flight.
 Models are keyed by their directory. Messages are pickled: both ends are this module, over a
-private pipe, never a file or a socket. A call that fails in the child raises ModelProcessError
+socket pair the server made for its own child, never a file or a network socket. A call that fails in the child raises ModelProcessError
 with the child's message. When the child dies, the call in flight raises too, and the next call
 starts a new child that reloads every model the old one held.
 """
