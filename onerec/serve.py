@@ -188,7 +188,7 @@ class ABRouter:
 # --------------------------------------------------------------------------- models
 
 
-@dataclass
+@dataclass(eq=False)              # a handle: equal only to itself
 class ServedModel:
     """A loaded registry version: its catalogue and the model, ready for beam search. The model
     runs here (model, trie set) or in a ModelProcess (worker set, model and trie None), keyed

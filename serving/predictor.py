@@ -113,9 +113,10 @@ class OneRecPredictor(kserve.Model):
     def release_retired(self, grace_s: float = RETIRED_GRACE_S) -> None:
         """Free the models swapped out more than grace_s ago (in the model process: its memory)."""
         now = time.monotonic()
-        for entry in [e for e in self._retired if now - e[0] >= grace_s]:
-            self._retired.remove(entry)
-            entry[1].release()
+        due = [m for at, m in self._retired if now - at >= grace_s]
+        self._retired = [(at, m) for at, m in self._retired if now - at < grace_s]
+        for model in due:
+            model.release()
 
     def _watch(self) -> None:
         while not self._stop.wait(self.cfg.serving.reload_poll_s):
