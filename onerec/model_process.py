@@ -18,9 +18,10 @@ two socket pairs:
 - `control` carries load and unload. A thread in the child serves it, so a hot reload
   loading a new version never stalls the batches in flight.
 Models are keyed by their directory. Messages are pickled: both ends are this module, over a
-socket pair the server made for its own child, never a file or a network socket. A call that fails in the child raises ModelProcessError
-with the child's message. When the child dies, the call in flight raises too, and the next call
-starts a new child that reloads every model the old one held.
+socket pair the server made for its own child, never a file or a network socket. A call that
+fails in the child raises ModelProcessError with the child's message. When the child dies, the
+call in flight raises too, and the next call starts a new child that reloads every model the old
+one held.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ class _Hung(ModelProcessError):
 
 
 class _Channel:
-    """One pipe end, one call at a time."""
+    """Our end of one socket pair, one call at a time."""
 
     def __init__(self, conn, timeout_s: float):
         self.conn, self.timeout_s, self.lock = conn, timeout_s, threading.Lock()
@@ -145,7 +146,7 @@ class ModelProcess:
 
     def _call(self, channel: str, message: tuple) -> object:
         self._ensure_running()
-        try:
+        try:                                      # by name: a restart replaced the channels
             return getattr(self, channel).call(message, self._status)
         except _Hung:
             self._proc.kill()                     # the next call starts a new child
