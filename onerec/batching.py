@@ -127,22 +127,24 @@ class MicroBatcher:
 
     def _run_batch(self, jobs: list[_Job], n: int) -> None:
         started = time.monotonic()
-        for job in jobs:
-            QUEUE_SECONDS.observe(started - job.queued_at)
-        standing = started - self._prompt_at > self.standing_s
-        if any(started - job.queued_at <= self.max_queue_s for job in jobs):
-            self._prompt_at = started
-        if self.max_queue_s and standing:
-            late = [job for job in jobs if started - job.queued_at > self.max_queue_s]
-            for job in late:
-                job.future.set_exception(Overloaded(
-                    f"waited {1000 * (started - job.queued_at):.0f} ms for a batch, more than the "
-                    f"{1000 * self.max_queue_s:.0f} ms allowed; retry later"))
-            SHED.inc(len(late))
-            jobs = [job for job in jobs if all(job is not j for j in late)]
-            n = sum(len(job.items) for job in jobs)
-            if not jobs:
-                return
+        waits = [started - job.queued_at for job in jobs]
+        for wait in waits:
+            QUEUE_SECONDS.observe(wait)
+        if self.max_queue_s:
+            standing = started - self._prompt_at > self.standing_s
+            if min(waits) <= self.max_queue_s:
+                self._prompt_at = started
+            if standing and max(waits) > self.max_queue_s:
+                for job, wait in zip(jobs, waits):
+                    if wait > self.max_queue_s:
+                        job.future.set_exception(Overloaded(
+                            f"waited {1000 * wait:.0f} ms for a batch, more than the "
+                            f"{1000 * self.max_queue_s:.0f} ms allowed; retry later"))
+                        SHED.inc()
+                jobs = [job for job, wait in zip(jobs, waits) if wait <= self.max_queue_s]
+                n = sum(len(job.items) for job in jobs)
+                if not jobs:
+                    return
         BATCH_ITEMS.observe(n)
         try:
             results = self.fn([item for job in jobs for item in job.items])
