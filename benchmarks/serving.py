@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.k <= cfg.serving.max_k:
         parser.error(f"--k must be in 1..serving.max_k ({cfg.serving.max_k})")
     os.environ[feast_store.FEAST_DIR_VAR] = str(tmp / "feast")
-    results: dict[str, dict[int, dict]] = {"in_process": {}, "http_batched": {}, "http_unbatched": {},
-                                           "http_in_thread": {}}
+    results: dict[str, dict[int, dict]] = {mode: {} for mode in MODE_LETTER}
     cpu_share: dict[str, float] = {}
     try:
         import redis

@@ -211,14 +211,12 @@ class ServedModel:
                  worker: ModelProcess | None = None) -> ServedModel:
         from onerec.eval.baselines import ItemIndex
         from onerec.model.data import ItemCodes
-        from onerec.model.train import TOKENIZER_DIR, load_model
-        from onerec.tokenizer import SemanticIdTokenizer
+        from onerec.model.train import load_model, load_tokenizer
 
         if worker is None:
             model, tok = load_model(directory, device)
         else:                                   # the catalogue here, the model there
-            model, tok = None, (SemanticIdTokenizer.load(Path(directory) / TOKENIZER_DIR)
-                                if (Path(directory) / TOKENIZER_DIR).is_dir() else None)
+            model, tok = None, load_tokenizer(directory)
         if tok is None:
             raise ValueError(f"{directory}: no tokenizer/ beside the weights: not a servable model")
         index = ItemIndex(np.asarray(tok.item_ids, dtype=np.int64))

@@ -668,11 +668,17 @@ def save_model(model: GenerativeRecommender, directory: str | Path, tokenizer=No
     return directory
 
 
+def load_tokenizer(directory: str | Path):
+    """-> the tokenizer saved beside a model in `directory` (its tokenizer/), or None."""
+    from onerec.tokenizer import SemanticIdTokenizer
+
+    path = Path(directory) / TOKENIZER_DIR
+    return SemanticIdTokenizer.load(path) if path.is_dir() else None
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     """-> (model in eval mode, tokenizer or None) from a `save_model` directory. The tokenizer's
     codebook sizes must be the model's."""
-    from onerec.tokenizer import SemanticIdTokenizer
-
     directory = Path(directory)
     meta = _read_json(directory / MODEL_META, MODEL_FORMAT, MODEL_VERSION, "save a model there first")
     try:
@@ -682,12 +688,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{directory / MODEL_META}: 'hparams' do not describe a model ({exc})") from None
     tensors, _ = _read_tensors(directory / MODEL_TENSORS)
     model.load_state_dict(_check_state_dict(directory / MODEL_TENSORS, tensors, "", model.state_dict()))
-    tokenizer = None
-    if (directory / TOKENIZER_DIR).is_dir():
-        tokenizer = SemanticIdTokenizer.load(directory / TOKENIZER_DIR)
-        if tokenizer.codebook_sizes != model.codebook_sizes:
-            raise CheckpointError(f"{directory}: tokenizer codebook sizes {tokenizer.codebook_sizes} != the "
-                                  f"model's {model.codebook_sizes}; they were not saved together")
+    tokenizer = load_tokenizer(directory)
+    if tokenizer is not None and tokenizer.codebook_sizes != model.codebook_sizes:
+        raise CheckpointError(f"{directory}: tokenizer codebook sizes {tokenizer.codebook_sizes} != the "
+                              f"model's {model.codebook_sizes}; they were not saved together")
     return model.to(device).eval(), tokenizer
 
 
