@@ -360,7 +360,7 @@ class Recommender:
             if warm:
                 k = max(requests[rows[j]].k for j in warm)
                 with GENERATION_SECONDS.time():
-                    items, scores = served.top_items([known[j] for j in warm], k, self.cfg.beam_size)
+                    items, scores = served.top_items([known[j] for j in warm], k, max(k, self.cfg.beam_size))
                 for j, row_items, row_scores in zip(warm, items, scores):
                     req = requests[rows[j]]
                     top = row_items[:req.k]

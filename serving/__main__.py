@@ -18,7 +18,7 @@ from kserve import model_server
 from onerec.config import load_config
 from onerec.endpoints import MLFLOW_TRACKING_URI, resolve_endpoints
 from onerec.exposures import ExposureLog
-from serving.predictor import OneRecPredictor
+from serving.predictor import OneRecPredictor, Shed, shed_handler
 
 parser = argparse.ArgumentParser(parents=[model_server.parser], description=__doc__.split("\n")[0])
 parser.add_argument("--preset", default="full", help="preset name or YAML path [%(default)s]")
@@ -43,4 +43,5 @@ if __name__ == "__main__":
     if not args.request_log:
         for name in ("uvicorn.access", "kserve.trace"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    model_server.app.add_exception_handler(Shed, shed_handler)        # 503s without a traceback each
     server.start([predictor])

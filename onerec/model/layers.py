@@ -247,14 +247,13 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                                       # (N, D)
         probs = self.router(flat).float().softmax(dim=-1)                     # (N, E)
-        gate, expert = probs.topk(self.top_k, dim=-1)                         # (N, k) each
-        gate = (gate / gate.sum(dim=-1, keepdim=True)).to(x.dtype)
+        top_p, expert = probs.topk(self.top_k, dim=-1)                        # (N, k) each
         if self.reference:
-            out, aux = self._reference(flat, probs, gate, expert)
+            out, aux = self._reference(flat, probs, _renormalized(top_p, x.dtype), expert)
         elif self.training or torch.is_grad_enabled():
-            out, aux = self._dispatch(flat, gate, expert), self._balance_loss(probs, expert)
+            out, aux = self._dispatch(flat, top_p, expert), self._balance_loss(probs, expert)
         else:                                     # inference: the balance loss trains nothing
-            out, aux = self._dispatch(flat, gate, expert), probs.new_zeros(())
+            out, aux = self._dispatch(flat, top_p, expert), probs.new_zeros(())
         return self.drop(out).view(shape), aux
 
     def _balance_loss(self, probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
@@ -262,27 +261,26 @@ class MoE(nn.Module):
         fraction = counts.to(probs.dtype) / expert.numel()                     # (E,) f_e
         return self.n_experts * (fraction * probs.mean(dim=0)).sum()
 
-    def _dispatch(self, x: torch.Tensor, gate: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """Each expert runs on exactly its own tokens (grouped by one stable sort) and its weighted
-        outputs are added back. No (E, C, D) buffer padded to the busiest expert: routers are
-        skewed (at inference one expert often takes half the tokens, so padding doubled the
-        FLOPs), and the padded scatter/gather cost 4x this loop at 640 tokens on CPU."""
-        n = x.shape[0]
-        expert = expert.reshape(-1)                                           # (N*k,) per assignment
-        token = torch.arange(n, device=x.device).repeat_interleave(self.top_k)  # (N*k,)
-        order = expert.argsort(stable=True)
-        token, weight = token[order], gate.reshape(-1)[order]                 # grouped by expert
+    def _dispatch(self, x: torch.Tensor, top_p: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """Each expert runs on exactly its own tokens (one stable sort groups them, one gather
+        and one split hand each expert its rows) and the weighted outputs are added back. No
+        (E, C, D) buffer padded to the busiest expert: routers are skewed (at inference one expert
+        often takes half the tokens, so padding doubled the FLOPs), and the padded scatter/gather
+        cost 4x this loop at 640 tokens on CPU. x (N, D); top_p, expert (N, k) -> (N, D)."""
+        expert = expert.reshape(-1)                                           # (N*k,) assignment a: token a // k
+        order = expert.argsort(stable=True)                                   # (N*k,) grouped by expert
         counts = torch.bincount(expert, minlength=self.n_experts).tolist()    # (E,) one host sync
-        out, first = torch.zeros_like(x), 0                                   # (N, D)
-        for e, count in enumerate(counts):
-            if count:
-                rows = token[first:first + count]                             # (C_e,) this expert's tokens
-                x_e = x.index_select(0, rows)                                 # (C_e, D)
-                h_gate = None if self.w_gate is None else x_e @ self.w_gate[e]
-                y = _activate(x_e @ self.w_in[e], h_gate) @ self.w_out[e]     # (C_e, D)
-                out = out.index_add(0, rows, y * weight[first:first + count, None])
-            first += count
-        return out
+        token = order // self.top_k                                           # (N*k,) each assignment's token
+        grouped = x.index_select(0, token).split(counts)                      # E x (C_e, D)
+        y = torch.cat([self._expert(e, x_e) for e, x_e in enumerate(grouped) if len(x_e)])  # (N*k, D)
+        if self.top_k > 1:   # top-1's renormalized gate p / p is exactly 1 (and has no gradient)
+            y = y * _renormalized(top_p, x.dtype).reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add(0, token, y)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's FFN: x (C, D) -> (C, D)."""
+        h_gate = None if self.w_gate is None else x @ self.w_gate[e]
+        return _activate(x @ self.w_in[e], h_gate) @ self.w_out[e]
 
     def _reference(self, x, probs, gate, expert):
         n, d = x.shape
@@ -292,12 +290,16 @@ class MoE(nn.Module):
             for j in range(self.top_k):
                 e = int(expert[i, j])
                 counts[e] += 1
-                h_gate = None if self.w_gate is None else x[i] @ self.w_gate[e]
-                out[i] += gate[i, j] * (_activate(x[i] @ self.w_in[e], h_gate) @ self.w_out[e])
+                out[i] += gate[i, j] * self._expert(e, x[i:i + 1])[0]
         aux = probs.new_zeros(())
         for e in range(self.n_experts):
             aux = aux + (counts[e] / (n * self.top_k)) * probs[:, e].mean()
         return out, self.n_experts * aux
+
+
+def _renormalized(top_p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, k) probabilities of each token's top-k experts -> gates that sum to 1 per token."""
+    return (top_p / top_p.sum(dim=-1, keepdim=True)).to(dtype)
 
 
 def build_ffn(d_model: int, hidden: int, n_experts: int, top_k: int, activation: str,

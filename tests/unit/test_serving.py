@@ -91,6 +91,24 @@ def test_v1_request_returns_k_distinct_catalogue_items_with_their_semantic_ids(s
     assert rec["semantic_ids"] == tok.encode(np.array(rec["items"])).tolist()
 
 
+def test_a_request_for_more_items_than_beams_widens_its_beam(served):
+    """serving.beam_size below max_k: a request asking k > beam_size still gets k distinct items,
+    the same ones a beam of k gives."""
+    cfg, dirs, histories, popular, catalogue = served
+    from serving.predictor import OneRecPredictor
+
+    user = next(iter(histories))
+    answers = {}
+    for beam in (4, 8):
+        narrow = load_config("debug", [*IN_THREAD, f"serving.beam_size={beam}", "serving.default_k=4"])
+        p = OneRecPredictor("onerec", narrow, model_dirs=dirs, features=Features(histories, popular))
+        assert p.load()
+        (answers[beam],) = ask(p, {"instances": [{"user_id": user, "k": 8}]})["predictions"]
+        p.stop()
+    assert len(set(answers[4]["items"])) == 8 and set(answers[4]["items"]) <= catalogue
+    assert answers[4]["items"] == answers[8]["items"]
+
+
 def test_v2_infer_request_gives_padded_tensors(served):
     from kserve import InferInput, InferRequest
 
@@ -195,6 +213,40 @@ def test_a_request_shed_for_waiting_too_long_is_503_not_500(served):
     p.batcher = Shedding()
     with pytest.raises(ServerNotReady, match="more than the 25 ms allowed"):
         ask(p, {"instances": [{"user_id": 1}]})
+
+
+def test_a_shed_request_is_answered_503_without_kservers_error_traceback(caplog):
+    """`python -m serving` installs shed_handler beside KServe's handlers: it wins for Shed (the
+    most specific class), answers 503 with Retry-After, and logs nothing per refusal."""
+    import logging
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from kserve.errors import ServerNotReady, server_not_ready_handler
+
+    from serving.predictor import RETRY_AFTER_S, Shed, shed_handler
+
+    app = FastAPI()
+    app.add_exception_handler(ServerNotReady, server_not_ready_handler)      # KServe's, as in the server
+    app.add_exception_handler(Shed, shed_handler)
+
+    @app.get("/shed")
+    def refuse():
+        raise Shed("waited 40 ms for a batch, more than the 25 ms allowed; retry later")
+
+    @app.get("/not-ready")
+    def not_ready():
+        raise ServerNotReady("still loading")
+
+    client = TestClient(app)
+    with caplog.at_level(logging.INFO):
+        resp = client.get("/shed")
+    assert resp.status_code == 503 and resp.headers["retry-after"] == str(RETRY_AFTER_S)
+    assert "more than the 25 ms allowed" in resp.json()["error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    with caplog.at_level(logging.INFO):
+        assert client.get("/not-ready").status_code == 503                    # other 503s: KServe's, logged
+    assert any(r.levelno == logging.ERROR for r in caplog.records)
 
 
 def test_parse_request_defaults():
