@@ -11,7 +11,9 @@ up while the previous batch runs and the next batch takes them all. When the pre
 more than one job, or the first job arrived while it ran (callers are concurrent), the batch also
 waits up to `max_wait_s` for more: callers just answered come back within a few ms, and without
 the wait C callers settle into alternating half-size batches, each waiting for the other (at 2
-clients, batches of one: each request waited for the other's). A lone caller never waits.
+clients, batches of one: each request waited for the other's). The wait ends as soon as every
+caller it counts on is in (the previous batch's jobs, plus those that arrived while it ran). A
+lone caller never waits.
 
 Load is shed, rather than letting latency grow without bound, in two ways, both `Overloaded`
 (HTTP 503, retry later). More than `max_pending` jobs waiting refuses a new one at once. And with
@@ -97,11 +99,16 @@ class MicroBatcher:
             self._queue.put(_STOP)
             self._worker.join(timeout_s)
 
+    def expected_jobs(self, arrived_at: float) -> int:
+        """The callers a batch whose first job arrived at `arrived_at` can count on: the previous
+        batch's (just answered, they come back), plus this one if it arrived while that batch ran
+        (then it is not one of them)."""
+        return self._last_jobs + (arrived_at < self._last_end)
+
     def wait_s(self, arrived_at: float) -> float:
-        """How long a batch whose first job arrived at `arrived_at` may wait for more: max_wait_s
-        when callers are concurrent (the previous batch held several jobs, or this one arrived
-        while the previous batch ran), else 0."""
-        return self.max_wait_s if self._last_jobs > 1 or arrived_at < self._last_end else 0.0
+        """How long that batch may wait for them: max_wait_s when callers are concurrent, else 0
+        (a lone caller never waits). The wait ends early once they are all in."""
+        return self.max_wait_s if self.expected_jobs(arrived_at) > 1 else 0.0
 
     def _run(self) -> None:
         while True:
@@ -109,10 +116,15 @@ class MicroBatcher:
             if first is _STOP:
                 return
             jobs, n, stop = [first], len(first.items), False
+            expected = self.expected_jobs(first.queued_at)
             deadline = time.monotonic() + self.wait_s(first.queued_at)
             while n < self.max_batch:
+                # wait while callers may still come back; once they all have, take only what is
+                # already waiting (a burst arrives spread over a few ms: closing the window early
+                # gains the rest of it, and closing it late made the last caller miss the batch)
+                timeout = max(0.0, deadline - time.monotonic()) if len(jobs) < expected else 0.0
                 try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    job = self._queue.get(timeout=timeout)
                 except queue.Empty:
                     break
                 if job is _STOP:
@@ -120,6 +132,7 @@ class MicroBatcher:
                     break
                 jobs.append(job)
                 n += len(job.items)
+                expected += job.queued_at < self._last_end    # a caller beyond the previous batch's
             self._run_batch(jobs, n)
             self._last_jobs, self._last_end = len(jobs), time.monotonic()
             if stop:

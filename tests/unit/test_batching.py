@@ -186,6 +186,26 @@ def test_only_concurrent_callers_make_a_batch_wait():
     batcher.close()
 
 
+def test_the_wait_ends_once_the_previous_batchs_callers_are_back():
+    """max_wait_s of 5 s: a batch of 2 answered, both callers come back, and their batch runs at
+    once rather than 5 s later."""
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.01, max_pending=100)
+    _, futures = submit_while_held(fn, batcher, [[2], [3]])
+    [f.result(5) for f in futures]                                   # the previous batch: 2 jobs
+    assert fn.batches[-1] == [2, 3] and batcher.expected_jobs(time.monotonic()) == 2
+    batcher.max_wait_s = 5.0
+    fn.gate.clear()
+    back = [batcher.submit([4])]
+    threading.Event().wait(0.05)
+    back.append(batcher.submit([5]))
+    started = time.monotonic()
+    fn.gate.set()
+    assert [f.result(5) for f in back] == [[8], [10]] and time.monotonic() - started < 2.0
+    assert fn.batches[-1] == [4, 5]
+    batcher.close()
+
+
 def test_a_job_that_arrived_during_a_batch_of_one_waits_for_its_peer():
     """Two callers: B arrives while A's batch runs; its batch then waits for A's next request
     instead of running alone (and making A's next request wait for it in turn)."""

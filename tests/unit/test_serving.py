@@ -249,6 +249,33 @@ def test_a_shed_request_is_answered_503_without_kservers_error_traceback(caplog)
     assert any(r.levelno == logging.ERROR for r in caplog.records)
 
 
+def test_the_alias_watcher_keeps_one_registry_client_and_reconnects_after_a_failure(served, monkeypatch):
+    """Each poll used to connect anew (an extra /health request, MLflow CPU a co-located server
+    takes from the beam search); now one client serves every poll until one fails."""
+    from onerec import registry
+
+    cfg, dirs, _, _, _ = served
+    connects, answer = [], {"champion": dirs["champion"][1]}
+
+    class Registry:
+        def aliases(self):
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    monkeypatch.setattr(registry.Registry, "connect", classmethod(lambda cls, uri, name: connects.append(uri) or Registry()))
+    p = predictor(served)
+    for _ in range(3):
+        p.poll()
+    assert len(connects) == 1 and p.recommender.models["champion"].version == dirs["champion"][1]
+    answer = ConnectionError("MLflow went away")
+    p.poll()                                                                  # fails, keeps serving
+    answer = {"champion": dirs["champion"][1]}
+    p.poll()
+    assert len(connects) == 2
+    p.stop()
+
+
 def test_parse_request_defaults():
     cfg = load_config("debug").serving
     req = parse_request({"user_id": 3}, cfg)
