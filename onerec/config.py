@@ -325,13 +325,13 @@ class ServingConfig:
     """The online predictor (onerec/serve.py, serving/). A/B variants live in their own file
     (`ab_config`), reread when it changes, so a split changes without a restart."""
     default_k: int            # items per response when the request names no k
-    max_k: int                # the largest k a request may ask for (<= train.beam_size)
+    max_k: int                # the largest k a request may ask for
     beam_size: int            # beams of the constrained search per batch; widened to k when a request asks for more
     ab_config: str            # YAML/JSON file of the A/B experiment; '' = everyone gets the champion
     popular_refresh_s: float  # how often the cold-start list is reread from Feast item stats
     reload_poll_s: float      # how often the registry aliases are polled; a moved alias is swapped in
     max_batch_size: int       # requests batched into one feature lookup + beam search; 1 = no batching
-    max_batch_wait_ms: float  # after a batch of several requests, how long the next waits for more
+    max_batch_wait_ms: float  # with concurrent callers, how long a batch waits for them all to be back
     max_pending: int          # requests waiting beyond this are refused with 503 (load shedding)
     max_queue_ms: float       # shed (503) a request that waited longer while the queue stands; 0 = never
     standing_queue_ms: float  # the queue stands when no request started within max_queue_ms for this long
