@@ -7,7 +7,7 @@
     worker.close()
 
 Why: under load, KServe's event loop (HTTP, JSON, the Feast lookup) holds the GIL much of the
-time, and each of the ~1,800 Python-level torch calls of a batched beam search has to take it
+time, and each of the ~1,600 Python-level torch calls of a batched beam search has to take it
 back. Inside the server the same batch ran 2-3x slower than alone (benchmarks/RESULTS.md). A
 child process has a GIL of its own.
 
