@@ -21,8 +21,8 @@ from collections.abc import Mapping
 
 import kserve
 import numpy as np
-from kserve import InferOutput, InferRequest, InferResponse
 from fastapi.responses import JSONResponse
+from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput, ServerNotReady
 from prometheus_client import Counter, Histogram
 
