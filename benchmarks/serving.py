@@ -59,6 +59,7 @@ from onerec.cli import emit_figures  # noqa: E402
 from onerec.config import load_config  # noqa: E402
 from onerec.endpoints import ENV_FILE_NAME, read_env_file  # noqa: E402
 from onerec.features import store as feast_store  # noqa: E402
+from onerec.serve import settle_heap  # noqa: E402
 
 P99_TARGET_MS = 50.0
 
@@ -71,7 +72,9 @@ def closed_loop(call: Callable[[int, int], bool], users: list[int], concurrency:
                 warmup_s: float) -> dict:
     """`concurrency` threads call `call(thread, user)` back to back for warmup_s + seconds; calls
     that started after the warm-up count. -> qps and p50_ms/p99_ms of the answered calls (a
-    refused one comes back fast and must not flatter either), requests, errors."""
+    refused one comes back fast and must not flatter either), requests, errors. The heap is settled
+    first: a full GC of this process (~150 ms) would stall every client and count as server latency."""
+    settle_heap()
     stop_at = time.monotonic() + warmup_s + seconds
     count_from = stop_at - seconds
     latencies: list[list[float]] = [[] for _ in range(concurrency)]

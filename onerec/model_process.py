@@ -43,7 +43,7 @@ class ModelProcessError(RuntimeError):
 def _child(run, control, device: str, threads: int) -> None:
     import torch
 
-    from onerec.serve import ServedModel
+    from onerec.serve import ServedModel, settle_heap
 
     if threads:
         torch.set_num_threads(threads)
@@ -61,6 +61,7 @@ def _child(run, control, device: str, threads: int) -> None:
                     served = ServedModel.from_dir(directory, "", "", device)   # loads and warms up
                     with lock:
                         models[directory] = served
+                    settle_heap(collect=False)     # no full-GC pauses over the model (batches may run now)
                 else:
                     with lock:
                         models.pop(directory, None)

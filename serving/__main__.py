@@ -18,6 +18,7 @@ from kserve import model_server
 from onerec.config import load_config
 from onerec.endpoints import MLFLOW_TRACKING_URI, resolve_endpoints
 from onerec.exposures import ExposureLog
+from onerec.serve import settle_heap
 from serving.predictor import OneRecPredictor, Shed, shed_handler
 
 parser = argparse.ArgumentParser(parents=[model_server.parser], description=__doc__.split("\n")[0])
@@ -44,4 +45,5 @@ if __name__ == "__main__":
         for name in ("uvicorn.access", "kserve.trace"):
             logging.getLogger(name).setLevel(logging.WARNING)
     model_server.app.add_exception_handler(Shed, shed_handler)        # 503s without a traceback each
+    settle_heap()                     # before traffic: no full-GC pause over what start-up built
     server.start([predictor])

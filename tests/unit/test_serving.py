@@ -3,9 +3,11 @@ routing, cold users and a failing feature store, malformed requests."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import time
+import weakref
 from collections import Counter
 from concurrent.futures import Future
 
@@ -17,7 +19,7 @@ from onerec.config import load_config
 from onerec.eval.baselines import offline_data
 from onerec.model.data import catalogue_model, fit_tokenizer
 from onerec.model.train import save_model
-from onerec.serve import ABConfig, ABRouter, FeatureSource, RequestError, parse_request
+from onerec.serve import ABConfig, ABRouter, FeatureSource, RequestError, parse_request, settle_heap
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -465,3 +467,25 @@ def test_the_demo_imports_the_predictor_whatever_its_command_line():
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
     assert out.returncode == 0 and out.stdout.strip().endswith("OneRecPredictor"), out.stderr[-2000:]
+
+
+class _Node:
+    pass
+
+
+def _cycle() -> weakref.ref:
+    node = _Node()
+    node.me = node                          # only the cyclic GC can free it
+    return weakref.ref(node)
+
+
+@pytest.mark.parametrize("collect", [True, False])
+def test_settling_the_heap_freezes_what_lives_and_collects_first_only_when_asked(collect):
+    garbage, frozen_before = _cycle(), gc.get_freeze_count()
+    try:
+        settle_heap(collect=collect)
+        assert gc.get_freeze_count() > frozen_before               # out of every full collection's walk
+        gc.collect()
+        assert (garbage() is None) == collect                      # frozen garbage stays until unfrozen
+    finally:
+        gc.unfreeze()
