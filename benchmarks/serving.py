@@ -184,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per mode and level")
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--k", type=int, default=10, help="items per request")
+    parser.add_argument("--modes", default="abcd", help="which of (a)-(d) to run; b always runs [%(default)s]")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if set(args.modes) - set("abcd"):
+        parser.error("--modes: letters among a, b, c, d")
+    modes = [m for m, letter in MODE_LETTER.items() if letter in args.modes + "b"]
     levels = sorted({int(c) for c in args.concurrency.split(",")})
     if not levels or levels[0] < 1:
         parser.error("--concurrency: positive integers, e.g. 1,4,16")
@@ -237,13 +241,15 @@ def main(argv: list[str] | None = None) -> int:
                 items, _ = served.top_items([by_user[user]], args.k, cfg.serving.beam_size)
             return items.shape == (1, args.k)
 
-        for c in levels:
+        for c in levels if "in_process" in modes else []:
             results["in_process"][c] = closed_loop(in_process, users, c, args.seconds, args.warmup_s)
             log(f"(a) in process  C={c:<3} {results['in_process'][c]}")
 
         server_args = ["--preset", args.preset, *(f"--set={o}" for o in [*base, *args.overrides])]
         for mode, extra in (("http_batched", []), ("http_unbatched", ["--set=serving.max_batch_size=1"]),
                             ("http_in_thread", ["--set=serving.model_process=false"])):
+            if mode not in modes:
+                continue
             with ServerProcess([*server_args, *extra], dict(os.environ), tmp / f"{mode}.log",
                                model_name=cfg.registry.model_name) as server:
                 cpu0, wall0 = time.process_time(), time.monotonic()
@@ -273,11 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         for c, row in by_level.items():
             figures.update({f"{mode}_c{c}_{key}": value for key, value in row.items()})
     for c in levels:
-        a, b, u = results["in_process"][c], results["http_batched"][c], results["http_unbatched"][c]
-        figures[f"overhead_p50_c{c}"] = round(b["p50_ms"] / a["p50_ms"], 2) if b["p50_ms"] and a["p50_ms"] else None
-        figures[f"batching_qps_gain_c{c}"] = round(b["qps"] / u["qps"], 2) if u["qps"] else None
-        t = results["http_in_thread"][c]
-        figures[f"model_process_qps_gain_c{c}"] = round(b["qps"] / t["qps"], 2) if t["qps"] else None
+        b = results["http_batched"][c]
+        for name, base, key in (("overhead_p50", "in_process", "p50_ms"), ("batching_qps_gain", "http_unbatched", "qps"),
+                                ("model_process_qps_gain", "http_in_thread", "qps")):
+            other = results[base].get(c, {}).get(key)
+            figures[f"{name}_c{c}"] = round(b[key] / other, 2) if b[key] and other else None   # (b) / the other
     clean = [c for c in levels if results["http_batched"][c]["errors"] == 0]
     top = max(clean) if clean else None
     within = [c for c in clean if results["http_batched"][c]["p99_ms"] < P99_TARGET_MS]
@@ -298,12 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'C':>4} | {'(a) in process':>26} | {'(b) HTTP, batched':>26} | {'(c) HTTP, unbatched':>26} | "
           f"{'(d) HTTP, model in thread':>26} | (b)/(a) p50 | (b)/(c) QPS | (b)/(d) QPS")
     for c in levels:
-        cells = [(f"{r['qps']:>7,.0f} qps {r['p50_ms']:>5.1f}/{r['p99_ms']:>6.1f} ms" if r["p50_ms"] else "no answer") +
+        cells = ["-" if r is None else
+                 (f"{r['qps']:>7,.0f} qps {r['p50_ms']:>5.1f}/{r['p99_ms']:>6.1f} ms" if r["p50_ms"] else "no answer") +
                  (f" {100 * r['errors'] / r['requests']:.0f}% err" if r["errors"] else "")
-                 for r in (results[m][c] for m in MODE_LETTER)]
+                 for r in (results[m].get(c) for m in MODE_LETTER)]
         print(f"  {c:>4} | {cells[0]:>26} | {cells[1]:>26} | {cells[2]:>26} | {cells[3]:>26} | "
-              f"{figures[f'overhead_p50_c{c}']:>10}x | {figures[f'batching_qps_gain_c{c}']:>10}x | "
-              f"{figures[f'model_process_qps_gain_c{c}']:>10}x")
+              + " | ".join(f"{str(figures[f'{name}_c{c}']):>10}x" for name in
+                           ("overhead_p50", "batching_qps_gain", "model_process_qps_gain")))
     print(f"  (latency p50/p99) highest error-free concurrency {top}: p99 "
           f"{figures['p99_ms_at_highest_error_free']} ms (target < {P99_TARGET_MS:.0f} ms: "
           f"{'met' if figures['meets_p99_target'] else 'not met'}); p99 under target up to C="

@@ -86,7 +86,7 @@ def run_demo(cfg: Config, progress: Callable[[str], None], preset: str | None = 
     for name, values in sorted(row.items()):
         value = values[0]
         print(f"  {name:20s} {value[-5:] if isinstance(value, list) else value}")
-    figures["sample_user"], figures["sample_user_event_count"] = user, row["event_count"][0]
+    figures["sample_user"], figures["sample_user_history_len"] = user, len(row["seq_item_ids"][0] or [])
 
     progress("6/10 retrain pipeline (kfp.local): feature snapshot -> tokenizer -> train OneRec -> evaluate "
              "against the champion -> register in MLflow")

@@ -62,55 +62,76 @@ def generate(model: GenerativeRecommender, context_batch: Mapping[str, torch.Ten
         raise ValueError(f"topk={topk} must be in 1..beam_size={beam_size}")
     with eval_mode(model):
         memory = model.encode(context_only(context_batch))
-        items, scores, _ = _generate(model, memory, allowed_fn, item_of_fn, beam_size, session_len, topk)
+        cache, h_bos = _decode_bos(model, memory)
+        items, scores, _ = _search(model, memory, cache, h_bos, allowed_fn, item_of_fn, beam_size, session_len, topk)
     return items, scores
 
 
-def _generate(model: GenerativeRecommender, memory, allowed_fn: AllowedFn, item_of_fn: ItemOfFn, beam_size: int,
-              session_len: int, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`generate` on encoded contexts (B rows) -> items, scores and h_bos (B, D): the decoder's
-    state at BOS, which the dense head reads too."""
-    n_levels, w = model.n_levels, beam_size
+def _decode_bos(model: GenerativeRecommender, memory) -> tuple[KVCache, torch.Tensor]:
+    """Every beam starts at BOS: decode it once per user -> the cache and h_bos (B, D)."""
     b = memory.key_mask.shape[0]
-    device = memory.key_mask.device
-    fan = torch.arange(b, device=device).repeat_interleave(w)                 # (B*W,) each beam's user
     cache = KVCache(model.n_layers)
-    # every beam starts at BOS: decode it once per user, then fan the state out to the W beams
-    bos = torch.full((b, 1), model.emb.bos_id, dtype=torch.long, device=device)
-    h_bos = model.decode(bos, memory, cache)[0][:, -1]                        # (B, D)
-    cache.reorder(fan)          # the memory stays (B, ...): a user's W beams share its row (CrossAttention)
-    h = h_bos.index_select(0, fan)                                            # (B*W, D) step 0's state
-    ids = bos                                                                 # each step's input tokens
+    bos = torch.full((b, 1), model.emb.bos_id, dtype=torch.long, device=memory.key_mask.device)
+    return cache, model.decode(bos, memory, cache)[0][:, -1]
+
+
+def _search(model: GenerativeRecommender, memory, cache: KVCache, h_bos: torch.Tensor, allowed_fn: AllowedFn,
+            item_of_fn: ItemOfFn, beam_size: int, session_len: int, topk: int,
+            forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The beam search from BOS (cache and h_bos from _decode_bos) -> items (B, topk, M), scores
+    (B, topk) and the log-probs (B, C) of `forced`: codes (B, C, L) of one item each (session_len
+    1), teacher-forced in the same decoder calls as the beams. That scores C given items per user
+    for the price of C more rows in each step, not a decode of its own (1.07-1.12x per request
+    at batches of 1-32, RESULTS.md)."""
+    n_levels, w = model.n_levels, beam_size
+    b, device = h_bos.shape[0], h_bos.device
+    if forced is None:
+        forced = torch.zeros(b, 0, n_levels, dtype=torch.long, device=device)
+    elif session_len != 1:
+        raise ValueError("forced items are scored for a session of one item")
+    c = forced.shape[1]
+    g = w + c                                  # rows per user: its W beams, then its C forced items
+    first = (torch.arange(b, device=device) * g)[:, None]                     # (B, 1) a user's first row
+    forced_rows = first + w + torch.arange(c, device=device)                  # (B, C)
+    fan = torch.arange(b, device=device).repeat_interleave(g)                 # (B*g,) each row's user
+    cache.reorder(fan)          # the memory stays (B, ...): a user's rows share its row (CrossAttention)
+    h = h_bos.index_select(0, fan)                                            # (B*g, D) step 0's state
     scores = torch.full((b, w), float("-inf"), device=device)                 # (B, W)
     scores[:, 0] = 0.0                                                        # one live beam to start
+    forced_logp = torch.zeros(b, c, device=device)                            # (B, C)
     tokens = torch.zeros(b * w, 0, dtype=torch.long, device=device)           # (B*W, t) so far
     items = torch.zeros(b * w, 0, dtype=torch.long, device=device)            # (B*W, m) completed
     beam_base = (torch.arange(b, device=device) * w)[:, None]                 # (B, 1)
+    ids = None                                  # each later step's input tokens (B*g, 1); step 0 has h
 
     for step in range(session_len * n_levels):
         level = step % n_levels
         k_l = model.codebook_sizes[level]
         if step:
-            h = model.decode(ids, memory, cache)[0][:, -1]                    # (B*W, D)
-        logp = model.logits(h, level).float().log_softmax(dim=-1)             # (B*W, K_l)
+            h = model.decode(ids, memory, cache)[0][:, -1]                    # (B*g, D)
+        logp_all = model.logits(h, level).float().log_softmax(dim=-1).view(b, g, k_l)
+        forced_token = forced[:, :, level]                                    # (B, C)
+        forced_logp += logp_all[:, w:].gather(2, forced_token[..., None])[..., 0]
+        logp = logp_all[:, :w].reshape(b * w, k_l)                            # (B*W, K_l) the beams'
         prefix = tokens[:, tokens.shape[1] - level:]                          # (B*W, l) current item
         ok = allowed_fn(prefix).to(device)                                    # (B*W, K_l)
         if level == n_levels - 1 and items.shape[1] > 0:
             ok = ok & ~_completes_seen_item(prefix, ok, items, item_of_fn)
         cand = scores.reshape(-1, 1) + logp.masked_fill(~ok, float("-inf"))   # (B*W, K_l)
         scores, flat = cand.view(b, w * k_l).topk(w, dim=1)                   # (B, W) best first
-        parent = (beam_base + flat // k_l).reshape(-1)                        # (B*W,) row of parent
+        parent = (beam_base + flat // k_l).reshape(-1)                        # (B*W,) beam of parent
         token = (flat % k_l).reshape(-1)                                      # (B*W,)
         tokens = torch.cat([tokens[parent], token[:, None]], dim=1)
         items = items[parent]
-        cache.reorder(parent)
+        cache.reorder(torch.cat([first + flat // k_l, forced_rows], 1).reshape(-1))  # (B*g,) rows kept
         if level == n_levels - 1:
             items = torch.cat([items, item_of_fn(tokens[:, -n_levels:]).to(device)[:, None]], dim=1)
-        ids = model.emb.ids(token, level)[:, None]                            # (B*W, 1)
+        step_tokens = torch.cat([token.view(b, w), forced_token], 1)          # (B, g)
+        ids = model.emb.ids(step_tokens, level).reshape(-1, 1)                # (B*g, 1)
 
     items = items.view(b, w, session_len)
     items = torch.where(torch.isfinite(scores)[..., None], items, torch.full_like(items, -1))
-    return items[:, :topk], scores[:, :topk], h_bos
+    return items[:, :topk], scores[:, :topk], forced_logp
 
 
 def _completes_seen_item(prefix: torch.Tensor, ok: torch.Tensor, items: torch.Tensor,
@@ -141,13 +162,16 @@ def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Te
     weight = model.cfg.dense_score_weight if model.dense is not None else 0.0
     with eval_mode(model):
         memory = model.encode(context_only(context))                         # once, for both scores
-        items, scores, h_bos = _generate(model, memory, allowed_fn, item_of_fn, beam_size, 1, beam_size)
+        cache, h_bos = _decode_bos(model, memory)
         if not weight:
-            return items[:, :k, 0], scores[:, :k]
+            items, scores, _ = _search(model, memory, cache, h_bos, allowed_fn, item_of_fn, beam_size, 1, k)
+            return items[:, :, 0], scores
         dense = model.item_logits(h_bos, memory).log_softmax(-1)              # (B, N) fp32
         by_dense = dense.topk(min(beam_size, dense.shape[1]), dim=1).indices  # (B, W') rows
-        # a beam item's score is already its exact log-prob; only the head's picks need decoding
-        gen = torch.cat([scores, item_logp(model, memory, model.item_codes[by_dense + 1])], 1)  # (B, C)
+        # a beam item's score is already its exact log-prob; the head's picks ride along the beams
+        items, scores, head_logp = _search(model, memory, cache, h_bos, allowed_fn, item_of_fn, beam_size, 1,
+                                           beam_size, forced=model.item_codes[by_dense + 1])
+        gen = torch.cat([scores, head_logp], 1)                               # (B, C)
     cand = torch.cat([items[:, :, 0], by_dense], 1)                           # (B, C) rows, -1 = none
     c = cand.shape[1]
     earlier = torch.ones(c, c, dtype=torch.bool, device=cand.device).tril(-1)  # (C, C) j < i

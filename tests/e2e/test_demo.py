@@ -29,7 +29,7 @@ def test_demo_runs_end_to_end_and_reports_figures(tmp_path, capsys):
         assert figures["replay_published"] == figures["live_events"] > 0
         assert figures["ingest_consumed"] == figures["ingest_written"] == figures["live_events"]
         assert figures["ingest_dlq"] == figures["ingest_duplicates"] == 0
-        assert figures["sample_user_event_count"] > 0
+        assert figures["sample_user_history_len"] > 0
         # the retrain pipeline registered a first version, which is champion and challenger
         assert figures["retrain_version"] == "1" and figures["retrain_beats_champion"]
         assert figures["retrain_aliases"] == {"champion": "1", "challenger": "1"}

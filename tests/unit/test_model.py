@@ -661,3 +661,23 @@ def test_item_embedding_tells_items_apart_that_codes_alone_cannot(arch):
         with_items({k: v for k, v in batch.items() if k != "context_items"})
     with pytest.raises(ValueError, match="item_embedding needs n_items"):
         make_model(arch, item_embedding=True)
+
+
+@pytest.mark.parametrize("arch", ["v1", "v2"])
+def test_items_forced_along_the_beams_score_their_teacher_forced_log_prob(arch):
+    from onerec.model.beam import _decode_bos, _search, context_only, item_logp
+
+    model, codes = dense_model(arch)
+    batch = model_batch(make_batch(codes, 3, 5, 1, seed=4))
+    allowed, item_of = brute_force_fns(codes)
+    forced = codes[torch.randint(len(codes), (3, 5), generator=torch.Generator().manual_seed(0))]  # (B, C, L)
+    with torch.no_grad():
+        memory = model.eval().encode(context_only(batch))
+        cache, h_bos = _decode_bos(model, memory)
+        items, scores, forced_logp = _search(model, memory, cache, h_bos, allowed, item_of, 6, 1, 6, forced=forced)
+        torch.testing.assert_close(forced_logp, item_logp(model, memory, forced), atol=1e-5, rtol=1e-5)
+        plain_items, plain_scores = generate(model, batch, allowed, item_of, 6, 1)    # the beams do not change
+        assert torch.equal(items, plain_items)
+        torch.testing.assert_close(scores, plain_scores)
+        with pytest.raises(ValueError, match="session of one item"):
+            _search(model, memory, *_decode_bos(model, memory), allowed, item_of, 6, 2, 6, forced=forced)
