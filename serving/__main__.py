@@ -8,12 +8,16 @@ MLflow, Feast and Kafka endpoints come from the environment (MLFLOW_TRACKING_URI
 KAFKA_BOOTSTRAP: without it, exposures are not logged).
 Per-request log lines (uvicorn's access log, KServe's latency trace) are off unless
 --request_log: under load they took ~15 % of the event loop's time, and every response is
-already in the exposure log and the Prometheus histograms."""
+already in the exposure log and the Prometheus histograms. So is the timing middleware that feeds
+the latency trace, and the event loop is uvloop's (as KServe's --event_loop auto promises; its
+asyncio.run never applied it)."""
 import argparse
+import asyncio
 import logging
 
 import kserve
 from kserve import model_server
+from kserve.protocol.rest.server import RESTServer
 
 from onerec.config import load_config
 from onerec.endpoints import MLFLOW_TRACKING_URI, resolve_endpoints
@@ -30,6 +34,34 @@ parser.add_argument("--ab_config", help="A/B file (YAML/JSON); default: serving.
 parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 parser.add_argument("--request_log", action="store_true", help="log a line per request (access + latency)")
 
+
+class UntimedRESTServer(RESTServer):
+    """KServe's REST server without timing_asgi's TimingMiddleware, which KServe adds to every app:
+    it calls getrusage twice a request to log a timing line to `kserve.trace`, a logger that is
+    silent without --request_log. Under load that was ~28 % of the event loop's time per request
+    (py-spy). An --access_log_format keeps KServe's middlewares, timing included."""
+
+    def _add_middlewares(self, app) -> None:
+        if self.access_log_format:
+            super()._add_middlewares(app)
+
+
+def use_uvloop(event_loop: str) -> bool:
+    """KServe's --event_loop: 'auto' (uvloop when installed) or 'uvloop' -> the uvloop policy, so
+    the asyncio.run in ModelServer.start runs on it. -> whether it did."""
+    if event_loop == "asyncio":
+        return False
+    try:
+        import uvloop
+    except ImportError:
+        if event_loop == "uvloop":
+            raise
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.set_event_loop(asyncio.new_event_loop())      # ModelServer asks for the current loop first
+    return True
+
+
 if __name__ == "__main__":
     args = parser.parse_args()
     overrides = [*args.overrides, *([f"registry.model_name={args.registered_model}"] if args.registered_model else []),
@@ -44,6 +76,8 @@ if __name__ == "__main__":
     if not args.request_log:
         for name in ("uvicorn.access", "kserve.trace"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        model_server.RESTServer = UntimedRESTServer    # the class ModelServer.start builds its server from
+    use_uvloop(args.event_loop)
     model_server.app.add_exception_handler(Shed, shed_handler)        # 503s without a traceback each
     settle_heap()                     # before traffic: no full-GC pause over what start-up built
     server.start([predictor])

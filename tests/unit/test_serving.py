@@ -489,3 +489,35 @@ def test_settling_the_heap_freezes_what_lives_and_collects_first_only_when_asked
         assert (garbage() is None) == collect                      # frozen garbage stays until unfrozen
     finally:
         gc.unfreeze()
+
+
+def test_the_served_app_has_no_timing_middleware():
+    import fastapi
+    from kserve.protocol.rest.server import RESTServer
+    from timing_asgi import TimingMiddleware
+
+    from serving.__main__ import UntimedRESTServer
+
+    def middlewares(cls, **kwargs) -> list:
+        app = fastapi.FastAPI()
+        cls("kserve.model_server:app", None, None, 0, **kwargs)._add_middlewares(app)
+        return [m.cls for m in app.user_middleware]
+
+    assert TimingMiddleware in middlewares(RESTServer)                # what KServe does: every request timed
+    assert middlewares(UntimedRESTServer) == []
+
+
+@pytest.mark.parametrize("event_loop,installed", [("auto", True), ("uvloop", True), ("asyncio", False)])
+def test_the_event_loop_option_picks_uvloop_unless_asyncio_is_asked_for(event_loop, installed):
+    import uvloop
+
+    from serving.__main__ import use_uvloop
+
+    try:
+        assert use_uvloop(event_loop) is installed
+        loop = asyncio.new_event_loop()
+        assert isinstance(loop, uvloop.Loop) is installed
+        loop.close()
+    finally:
+        asyncio.set_event_loop_policy(None)
+        asyncio.set_event_loop(None)
