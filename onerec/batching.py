@@ -27,6 +27,13 @@ nothing (a plain deadline shed requests at 2 clients on a noisy machine).
 An exception from the batch function fails exactly the jobs of that batch. max_batch=1 turns
 batching off (one job per call, the same thread and queue: the baseline the benchmark compares
 against).
+
+Pipelined (`prepare` given): each batch runs as fn(prepare(items)), prepare on the batcher's
+thread and fn on a runner thread, so batch k+1's prepare (the feature lookup) overlaps batch k's
+fn (the beam search) instead of keeping the model idle. While the runner is busy, the next batch
+keeps collecting until just before the runner is expected to be free (its mean fn time, less the
+mean prepare time): a batch closed earlier would only wait, and the callers arriving meanwhile
+would miss it.
 """
 from __future__ import annotations
 
@@ -62,7 +69,8 @@ _STOP = object()
 
 class MicroBatcher:
     def __init__(self, fn: Callable[[list], list], max_batch: int, max_wait_s: float, max_pending: int,
-                 name: str = "batcher", max_queue_s: float = 0.0, standing_s: float = 0.1):
+                 name: str = "batcher", max_queue_s: float = 0.0, standing_s: float = 0.1,
+                 prepare: Callable[[list], object] | None = None):
         if max_batch < 1 or max_wait_s < 0 or max_pending < 1 or max_queue_s < 0 or standing_s < 0:
             raise ValueError("max_batch and max_pending must be >= 1; max_wait_s, max_queue_s, standing_s >= 0")
         self.fn, self.max_batch, self.max_wait_s, self.max_queue_s = fn, max_batch, max_wait_s, max_queue_s
@@ -71,8 +79,15 @@ class MicroBatcher:
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._closed = False
         self._last_jobs, self._last_end = 1, 0.0   # jobs in the previous batch, when it ended
-        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
-        self._worker.start()
+        self.prepare = prepare
+        self._threads = [threading.Thread(target=self._run, name=name, daemon=True)]
+        if prepare is not None:
+            self._handoff: queue.Queue = queue.Queue(maxsize=1)    # prepared batches waiting for the runner
+            self._busy_until = 0.0                  # when the runner should be free (monotonic)
+            self._fn_s = self._prepare_s = 0.0      # running means of the two stages' times
+            self._threads.append(threading.Thread(target=self._run_prepared, name=f"{name}-runner", daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, items: Sequence) -> Future:
         """-> a Future of fn's results for these items, in their order."""
@@ -97,7 +112,8 @@ class MicroBatcher:
         if not self._closed:
             self._closed = True
             self._queue.put(_STOP)
-            self._worker.join(timeout_s)
+            for thread in self._threads:
+                thread.join(timeout_s)
 
     def expected_jobs(self, arrived_at: float) -> int:
         """The callers a batch whose first job arrived at `arrived_at` can count on: the previous
@@ -114,7 +130,7 @@ class MicroBatcher:
         while True:
             first = self._queue.get()
             if first is _STOP:
-                return
+                break
             jobs, n, stop = [first], len(first.items), False
             expected = self.expected_jobs(first.queued_at)
             deadline = time.monotonic() + self.wait_s(first.queued_at)
@@ -122,7 +138,10 @@ class MicroBatcher:
                 # wait while callers may still come back; once they all have, take only what is
                 # already waiting (a burst arrives spread over a few ms: closing the window early
                 # gains the rest of it, and closing it late made the last caller miss the batch)
-                timeout = max(0.0, deadline - time.monotonic()) if len(jobs) < expected else 0.0
+                now = time.monotonic()
+                timeout = max(0.0, deadline - now) if len(jobs) < expected else 0.0
+                if self.prepare is not None:          # the runner is busy: collect until it is nearly free
+                    timeout = max(timeout, self._busy_until - self._prepare_s - now)
                 try:
                     job = self._queue.get(timeout=timeout)
                 except queue.Empty:
@@ -133,12 +152,41 @@ class MicroBatcher:
                 jobs.append(job)
                 n += len(job.items)
                 expected += job.queued_at < self._last_end    # a caller beyond the previous batch's
-            self._run_batch(jobs, n)
-            self._last_jobs, self._last_end = len(jobs), time.monotonic()
+            if self.prepare is None:
+                self._run_batch(jobs)
+                self._last_jobs, self._last_end = len(jobs), time.monotonic()
+            else:
+                self._prepare_batch(jobs)
             if stop:
-                return
+                break
+        if self.prepare is not None:
+            self._handoff.put(_STOP)                      # the runner finishes what it has, then stops
 
-    def _run_batch(self, jobs: list[_Job], n: int) -> None:
+    def _prepare_batch(self, jobs: list[_Job]) -> None:
+        jobs = self._admit(jobs)
+        if not jobs:
+            return
+        started = time.monotonic()
+        try:
+            prepared = self.prepare([item for job in jobs for item in job.items])
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(jobs, exc)
+            return
+        self._prepare_s = _mean(self._prepare_s, time.monotonic() - started)
+        self._handoff.put((jobs, prepared))              # waits while the runner still has one waiting
+
+    def _run_prepared(self) -> None:
+        while (batch := self._handoff.get()) is not _STOP:
+            jobs, prepared = batch
+            started = time.monotonic()
+            self._busy_until = started + self._fn_s
+            self._deliver(jobs, lambda: self.fn(prepared))
+            self._fn_s = _mean(self._fn_s, time.monotonic() - started)
+            self._busy_until = 0.0
+            self._last_jobs, self._last_end = len(jobs), time.monotonic()
+
+    def _admit(self, jobs: list[_Job]) -> list[_Job]:
+        """The jobs of a batch that is starting, less those shed (see the module docstring)."""
         started = time.monotonic()
         waits = [started - job.queued_at for job in jobs]
         for wait in waits:
@@ -155,19 +203,36 @@ class MicroBatcher:
                             f"{1000 * self.max_queue_s:.0f} ms allowed; retry later"))
                         SHED.inc()
                 jobs = [job for job, wait in zip(jobs, waits) if wait <= self.max_queue_s]
-                n = sum(len(job.items) for job in jobs)
-                if not jobs:
-                    return
-        BATCH_ITEMS.observe(n)
+        if jobs:
+            BATCH_ITEMS.observe(sum(len(job.items) for job in jobs))
+        return jobs
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        jobs = self._admit(jobs)
+        if jobs:
+            self._deliver(jobs, lambda: self.fn([item for job in jobs for item in job.items]))
+
+    @staticmethod
+    def _fail(jobs: list[_Job], exc: BaseException) -> None:
+        for job in jobs:
+            job.future.set_exception(exc)
+
+    def _deliver(self, jobs: list[_Job], call: Callable[[], list]) -> None:
+        """Run the batch function; each job gets its slice of the results, or the error."""
+        n = sum(len(job.items) for job in jobs)
         try:
-            results = self.fn([item for job in jobs for item in job.items])
+            results = call()
             if len(results) != n:
                 raise RuntimeError(f"the batch function returned {len(results)} results for {n} items")
         except BaseException as exc:  # noqa: BLE001 - the callers get the error, the worker lives on
-            for job in jobs:
-                job.future.set_exception(exc)
+            self._fail(jobs, exc)
             return
         start = 0
         for job in jobs:
             job.future.set_result(results[start:start + len(job.items)])
             start += len(job.items)
+
+
+def _mean(mean: float, value: float, weight: float = 0.2) -> float:
+    """Exponentially weighted running mean (the first value starts it)."""
+    return value if mean == 0.0 else mean + weight * (value - mean)

@@ -336,6 +336,7 @@ class ServingConfig:
     max_queue_ms: float       # shed (503) a request that waited longer while the queue stands; 0 = never
     standing_queue_ms: float  # the queue stands when no request started within max_queue_ms for this long
     model_process: bool       # beam search in a child process with its own GIL (onerec/model_process.py)
+    pipeline: bool            # batch k+1's feature lookup runs while batch k's beam search does (batching.py)
     model_threads: int        # torch threads for the beam search; 0 = torch's default
 
     def validate(self, key: str) -> None:

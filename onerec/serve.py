@@ -342,6 +342,16 @@ class Recommendation:
         return dict(self.__dict__)
 
 
+@dataclass
+class BatchPlan:
+    """Recommender.plan's output: the requests, the experiment, why a cold request falls back,
+    and per variant (its name, its ServedModel, its rows in requests, their known histories)."""
+    requests: list[RecRequest]
+    experiment: str
+    fallback: str
+    groups: list[tuple[str, ServedModel, list[int], list[np.ndarray]]]
+
+
 class Recommender:
     def __init__(self, models: Mapping[str, ServedModel], features: FeatureSource, router: ABRouter,
                  cfg: ServingConfig):
@@ -353,6 +363,12 @@ class Recommender:
         self.models = dict(models)
 
     def recommend(self, requests: Sequence[RecRequest]) -> list[Recommendation]:
+        return self.complete(self.plan(requests))
+
+    def plan(self, requests: Sequence[RecRequest]) -> BatchPlan:
+        """A batch up to its beam searches: the feature lookup, each request's variant and its
+        history in that model's items. MicroBatcher runs it for batch k+1 while `complete` runs
+        the beam search of batch k."""
         models, ab = self.models, self.router.config                  # one snapshot per batch
         try:
             with FEATURE_SECONDS.time():
@@ -361,16 +377,20 @@ class Recommender:
         except Exception:  # noqa: BLE001 - the online store down must not fail a request
             self.feature_errors += 1
             histories, reason = [[] for _ in requests], "features_unavailable"
-        out: list[Recommendation | None] = [None] * len(requests)
-        groups: dict[str, list[int]] = {}
+        rows_by: dict[tuple[str, str], list[int]] = {}
         for i, req in enumerate(requests):
             variant = ab.assign(req.user_id)
             alias = variant.alias if variant.alias in models else "champion"
-            groups.setdefault(f"{variant.name}\0{alias}", []).append(i)
-        for key, rows in groups.items():
-            variant, alias = key.split("\0")
-            served = models[alias]
-            known = served.histories([histories[i] for i in rows])
+            rows_by.setdefault((variant.name, alias), []).append(i)
+        groups = [(variant, models[alias], rows, models[alias].histories([histories[i] for i in rows]))
+                  for (variant, alias), rows in rows_by.items()]
+        return BatchPlan(list(requests), ab.experiment, reason, groups)
+
+    def complete(self, plan: BatchPlan) -> list[Recommendation]:
+        """The beam search per variant (fallbacks for the requests without a known history)."""
+        requests = plan.requests
+        out: list[Recommendation | None] = [None] * len(requests)
+        for variant, served, rows, known in plan.groups:
             warm = [j for j, h in enumerate(known) if len(h)]
             if warm:
                 k = max(requests[rows[j]].k for j in warm)
@@ -381,7 +401,7 @@ class Recommender:
                     top = row_items[:req.k]
                     out[rows[j]] = Recommendation(req.request_id, req.user_id, top.tolist(),
                                                   [float(s) for s in row_scores[:req.k]], served.semantic_ids(top),
-                                                  variant, served.version, None, ab.experiment)
+                                                  variant, served.version, None, plan.experiment)
             for j in set(range(len(rows))) - set(warm):
                 req = requests[rows[j]]
                 try:
@@ -391,8 +411,8 @@ class Recommender:
                     items = []
                 items = items or [int(i) for i in served.item_ids[:req.k]]
                 out[rows[j]] = Recommendation(req.request_id, req.user_id, items, [0.0] * len(items),
-                                              served.semantic_ids(np.asarray(items)), variant, served.version, reason,
-                                              ab.experiment)
+                                              served.semantic_ids(np.asarray(items)), variant, served.version,
+                                              plan.fallback, plan.experiment)
         for rec in out:
             RECOMMENDATIONS.labels(rec.variant).inc()
             if rec.fallback:

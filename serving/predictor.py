@@ -92,9 +92,11 @@ class OneRecPredictor(kserve.Model):
         self.recommender = Recommender(models, features, self.router, self.cfg.serving)
         if self.batcher is None:
             s = self.cfg.serving
-            self.batcher = MicroBatcher(self.recommender.recommend, s.max_batch_size, s.max_batch_wait_ms / 1000,
+            r = self.recommender
+            self.batcher = MicroBatcher(r.complete if s.pipeline else r.recommend, s.max_batch_size, s.max_batch_wait_ms / 1000,
                                         s.max_pending, name="recommend-batcher", max_queue_s=s.max_queue_ms / 1000,
-                                        standing_s=s.standing_queue_ms / 1000)
+                                        standing_s=s.standing_queue_ms / 1000,
+                                        prepare=r.plan if s.pipeline else None)
         if self.model_dirs is None and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="alias-watcher", daemon=True)
             self._watcher.start()

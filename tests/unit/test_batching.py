@@ -220,3 +220,43 @@ def test_a_job_that_arrived_during_a_batch_of_one_waits_for_its_peer():
     assert during.result(5) == [4] and again.result(5) == [6]
     assert fn.batches == [[1], [2, 3]]
     batcher.close()
+
+
+def test_pipelined_the_next_batch_is_prepared_while_the_last_one_runs():
+    fn, prepared = Recorder(), []
+    seen = threading.Event()
+
+    def prepare(items):
+        prepared.append(list(items))
+        if len(prepared) == 2:
+            seen.set()
+        if any(i == 13 for i in items):
+            raise KeyError("no features for 13")
+        return [i + 1 for i in items]                 # fn gets prepare's output, not the items
+
+    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.0, max_pending=100, prepare=prepare)
+    first = hold_worker(fn, batcher, [1])            # the runner is inside fn([2])
+    second = batcher.submit([5])
+    assert seen.wait(5) and prepared == [[1], [5]]   # prepared while batch 1 still runs
+    assert not second.done()
+    fn.gate.set()
+    assert first.result(5) == [4] and second.result(5) == [12]
+    with pytest.raises(KeyError, match="no features"):
+        batcher([13])                                 # a failed prepare fails its own jobs only
+    assert batcher([2]) == [6]
+    batcher.close()
+
+
+def test_pipelined_a_busy_runner_lets_the_next_batch_collect_until_it_is_nearly_free():
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.0, max_pending=100, prepare=lambda items: items)
+    batcher([1])
+    batcher._fn_s = 0.3                              # the runner's batches take ~300 ms
+    first = hold_worker(fn, batcher, [1])
+    batcher.submit([2])
+    time.sleep(0.05)
+    later = batcher.submit([3])                      # arrives 50 ms on, long before the runner is free
+    fn.gate.set()
+    assert later.result(5) == [6] and first.result(5) == [2]
+    assert fn.batches[-1] == [2, 3]                  # one batch, though [2] waited alone for 50 ms
+    batcher.close()

@@ -169,7 +169,7 @@ def test_concurrent_requests_share_one_beam_search_and_get_what_they_would_get_a
     alone = [ask(p, b)["predictions"][0] for b in bodies]
     calls = []
     recommend = p.batcher.fn
-    p.batcher.fn = lambda reqs: calls.append(len(reqs)) or recommend(reqs)
+    p.batcher.fn = lambda plan: calls.append(len(plan.requests)) or recommend(plan)   # pipelined: fn(plan)
     p.batcher.max_wait_s = 0.05                       # generous: the 8 submits take microseconds
 
     async def together():
