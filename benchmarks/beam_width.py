@@ -1,7 +1,8 @@
 """The serving beam width: what each width costs per request and what it changes in the top k.
 
     .venv/bin/python benchmarks/beam_width.py --model DIR [--preset small] [--set KEY=VALUE ...]
-        [--widths 20,16,12,10] [--k 10] [--batch-sizes 1,8,16] [--repeats 15] [--threads 1] [--json PATH]
+        [--widths 20,16,12,10] [--head N] [--k 10] [--batch-sizes 1,8,16] [--repeats 15] [--threads 1]
+        [--json PATH]
 
 `serving.beam_size` sets the beams of the constrained search per request (the hybrid also scores
 the dense head's top `beam_size` items). A wider beam costs time per request; this measures what
@@ -12,6 +13,8 @@ train` output; the ranking of random weights says nothing):
   - latency: `ServedModel.top_items` in process (no HTTP, no feature lookup) on batches of real
     test histories, every width timed in turn within each repeat (so a slow phase of the machine
     hits all widths alike), median per batch after one warm-up.
+With --head N the dense head's top N items are scored at every width (`serving.head_candidates`),
+so only the beams change; without it, each width is also the head's (the old coupling).
 The first width is the baseline: each row prints its latency ratio to it and its metric deltas.
 Figures last, as one JSON line.
 """
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--widths", default="20,16,12,10", help="beam widths; the first is the baseline")
+    parser.add_argument("--head", type=int, help="the hybrid's head items at every width (default: the width)")
     parser.add_argument("--k", type=int, default=10, help="items per request")
     parser.add_argument("--batch-sizes", default="1,8,16", help="users per timed call")
     parser.add_argument("--repeats", type=int, default=15)
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    if min(widths) < args.k:
+    if max(min(widths), args.head or 0) < args.k:
         parser.error(f"--widths: every width must be >= --k ({args.k}): the k best items are k beams")
     torch.set_num_threads(args.threads)
     cfg = load_config(args.preset, args.overrides)
@@ -62,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     splits = {"valid": data.seqs.for_validation(), "test": data.seqs.for_test()}
     figures = {"benchmark": "beam_width", "preset": cfg.preset, "dataset": cfg.data.dataset,
                "model": str(args.model), "k": args.k, "widths": widths, "batch_sizes": batch_sizes,
-               "threads": args.threads, "repeats": args.repeats}
+               "head": args.head, "threads": args.threads, "repeats": args.repeats}
 
     for w in widths:
         for name, split in splits.items():
-            metrics = evaluate_model(served.model, served.codes, split, w, cfg.eval.batch_size, trie=served.trie)
+            metrics = evaluate_model(served.model, served.codes, split, w, cfg.eval.batch_size, trie=served.trie,
+                                     head_k=args.head)
             figures.update({f"w{w}_{name}_{m}": round(metrics[f"{m}@{args.k}"], 4) for m in ("recall", "ndcg")})
         print(f"[{time.strftime('%H:%M:%S')}] width {w}: test R@{args.k} {figures[f'w{w}_test_recall']}",
               file=sys.stderr, flush=True)
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             batch = [np.asarray(h, dtype=np.int64) for h in test[start:start + b]]
             for w in widths:
                 t0 = time.perf_counter()
-                served.top_items(batch, args.k, w)
+                served.top_items(batch, args.k, w, args.head)
                 if r:
                     times[w, b].append(time.perf_counter() - t0)
     for (w, b), secs in times.items():

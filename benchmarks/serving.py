@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def in_process(t: int, user: int) -> bool:
             with model_lock:
-                items, _ = served.top_items([by_user[user]], args.k, cfg.serving.beam_size)
+                items, _ = served.top_items([by_user[user]], args.k, cfg.serving.beam_size, cfg.serving.head_candidates)
             return items.shape == (1, args.k)
 
         for c in levels if "in_process" in modes else []:
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = {"benchmark": "serving", "preset": cfg.preset, "dataset": cfg.data.dataset,
                "model": str(args.model) if args.model else "random init (seeded)", "k": args.k,
-               "beam_size": cfg.serving.beam_size, "max_batch_size": cfg.serving.max_batch_size,
+               "beam_size": cfg.serving.beam_size, "head_candidates": cfg.serving.head_candidates,
+               "pipeline": cfg.serving.pipeline, "max_batch_size": cfg.serving.max_batch_size,
                "max_batch_wait_ms": cfg.serving.max_batch_wait_ms, "max_queue_ms": cfg.serving.max_queue_ms,
                "model_process": cfg.serving.model_process, "seconds_per_level": args.seconds,
                "users": len(users), "backfilled_users": backfilled["users"], "concurrency": levels}
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                    python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
 
     print(f"\nServing ({cfg.preset}, {cfg.data.dataset}, {figures['model']}, k {args.k}, beam "
-          f"{cfg.serving.beam_size}, batch <= {cfg.serving.max_batch_size}, wait {cfg.serving.max_batch_wait_ms} ms, "
+          f"{cfg.serving.beam_size} + {cfg.serving.head_candidates} head items, batch <= {cfg.serving.max_batch_size}, wait {cfg.serving.max_batch_wait_ms} ms, "
           f"shed after {cfg.serving.max_queue_ms} ms queued)")
     print(f"  {'C':>4} | {'(a) in process':>26} | {'(b) HTTP, batched':>26} | {'(c) HTTP, unbatched':>26} | "
           f"{'(d) HTTP, model in thread':>26} | (b)/(a) p50 | (b)/(c) QPS | (b)/(d) QPS")

@@ -326,7 +326,8 @@ class ServingConfig:
     (`ab_config`), reread when it changes, so a split changes without a restart."""
     default_k: int            # items per response when the request names no k
     max_k: int                # the largest k a request may ask for
-    beam_size: int            # beams of the constrained search per batch; widened to k when a request asks for more
+    beam_size: int            # beams of the constrained search per batch (widened to k without a dense head)
+    head_candidates: int      # the hybrid's dense-head items scored beside the beams (widened to a request's k)
     ab_config: str            # YAML/JSON file of the A/B experiment; '' = everyone gets the champion
     popular_refresh_s: float  # how often the cold-start list is reread from Feast item stats
     reload_poll_s: float      # how often the registry aliases are polled; a moved alias is swapped in
@@ -341,7 +342,9 @@ class ServingConfig:
 
     def validate(self, key: str) -> None:
         _check(1 <= self.default_k <= self.max_k, f"{key}.default_k", "must be in 1..max_k")
-        _check(self.beam_size >= self.default_k, f"{key}.beam_size", "must be >= default_k (the k best items are k beams)")
+        _check(self.beam_size >= 1, f"{key}.beam_size", "must be >= 1")
+        _check(self.head_candidates >= self.default_k, f"{key}.head_candidates",
+               "must be >= default_k (the hybrid's k best items may all be the head's)")
         _check(self.popular_refresh_s > 0, f"{key}.popular_refresh_s", "must be > 0")
         _check(self.reload_poll_s > 0, f"{key}.reload_poll_s", "must be > 0")
         _check(self.max_batch_size >= 1, f"{key}.max_batch_size", "must be >= 1 (1 = no batching)")

@@ -72,13 +72,13 @@ def _child(run, control, device: str, threads: int) -> None:
     threading.Thread(target=serve_control, name="model-control", daemon=True).start()
     while True:
         try:
-            directory, histories, k, beam_size = run.recv()
+            directory, histories, k, beam_size, head_k = run.recv()
         except EOFError:
             return
         try:
             with lock:
                 served = models[directory]
-            run.send(("ok", served.top_items(histories, k, beam_size)))
+            run.send(("ok", served.top_items(histories, k, beam_size, head_k)))
         except Exception as exc:  # noqa: BLE001
             run.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -168,10 +168,10 @@ class ModelProcess:
             self._loaded.remove(directory)
             self._call("_control", ("unload", directory))
 
-    def top_items(self, directory: str, histories: Sequence[np.ndarray], k: int, beam_size: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def top_items(self, directory: str, histories: Sequence[np.ndarray], k: int, beam_size: int,
+                  head_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """ServedModel.top_items of the model loaded from `directory`: raw ids (B, k), scores (B, k)."""
-        return self._call("_run", (str(directory), list(histories), k, beam_size))
+        return self._call("_run", (str(directory), list(histories), k, beam_size, head_k))
 
     def close(self, timeout_s: float = 5.0) -> None:
         for channel in (self._run, self._control):

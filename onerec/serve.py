@@ -259,16 +259,23 @@ class ServedModel:
         return out
 
     @torch.inference_mode()       # not only no_grad: no version counters or view tracking either (1.04-1.14x)
-    def top_items(self, histories: list[np.ndarray], k: int, beam_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """-> raw item ids (B, k) and scores (B, k), best first."""
+    def top_items(self, histories: list[np.ndarray], k: int, beam_size: int,
+                  head_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> raw item ids (B, k) and scores (B, k), best first: beam_size beams (and the hybrid's
+        head_k head items, default beam_size), widened to k where they could not supply k items."""
         if self.worker is not None:
-            return self.worker.top_items(self.directory, histories, k, beam_size)
-        from onerec.model import topk_next_items
+            return self.worker.top_items(self.directory, histories, k, beam_size, head_k)
+        from onerec.model.beam import is_hybrid, topk_next_items
         from onerec.model.data import context_batch
 
+        head_k = beam_size if head_k is None else head_k
+        if is_hybrid(self.model):
+            head_k = max(k, head_k)             # the head's top k are k distinct items
+        else:
+            beam_size = max(k, beam_size)       # the k beams are k distinct items
         device = next(self.model.parameters()).device
         ctx = context_batch(histories, self.codes, self.max_seq_len, device)
-        rows, scores = topk_next_items(self.model, ctx, self.trie.allowed, self.trie.item_of, beam_size, k)
+        rows, scores = topk_next_items(self.model, ctx, self.trie.allowed, self.trie.item_of, beam_size, k, head_k)
         return self.item_ids[rows.cpu().numpy()], scores.float().cpu().numpy()
 
     def semantic_ids(self, item_ids: np.ndarray) -> list[list[int]]:
@@ -395,7 +402,8 @@ class Recommender:
             if warm:
                 k = max(requests[rows[j]].k for j in warm)
                 with GENERATION_SECONDS.time():
-                    items, scores = served.top_items([known[j] for j in warm], k, max(k, self.cfg.beam_size))
+                    items, scores = served.top_items([known[j] for j in warm], k, self.cfg.beam_size,
+                                                     self.cfg.head_candidates)
                 for j, row_items, row_scores in zip(warm, items, scores):
                     req = requests[rows[j]]
                     top = row_items[:req.k]

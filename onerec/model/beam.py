@@ -146,20 +146,27 @@ def _completes_seen_item(prefix: torch.Tensor, ok: torch.Tensor, items: torch.Te
     return out
 
 
+def is_hybrid(model: GenerativeRecommender) -> bool:
+    """Ranks by the decoder and the dense head together (topk_next_items)."""
+    return model.dense is not None and model.cfg.dense_score_weight > 0
+
+
 @torch.no_grad()
 def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Tensor],
-                    allowed_fn: AllowedFn, item_of_fn: ItemOfFn, beam_size: int, k: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    allowed_fn: AllowedFn, item_of_fn: ItemOfFn, beam_size: int, k: int,
+                    head_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over one item (L tokens): the k best distinct items, (B, k) and scores (B, k).
     Needs beam_size >= k; distinct codes are distinct items, so the k beams are k items.
 
     With a dense head and model.dense_score_weight > 0 (the hybrid, see common.py) the candidates
-    are the beam's beam_size items and the head's top beam_size; each is scored by its exact
-    log-prob under the decoder + dense_score_weight x the head's log-softmax over the catalogue,
-    and the best k of those sums are returned. Every candidate is a catalogue item either way."""
-    if not 1 <= k <= beam_size:
-        raise ValueError(f"k={k} must be in 1..beam_size={beam_size}")
-    weight = model.cfg.dense_score_weight if model.dense is not None else 0.0
+    are the beam's beam_size items and the head's top head_k (default beam_size); each is scored
+    by its exact log-prob under the decoder + dense_score_weight x the head's log-softmax over
+    the catalogue, and the best k of those sums are returned (so k <= head_k also suffices: the
+    head's items are distinct). Every candidate is a catalogue item either way."""
+    head_k = beam_size if head_k is None else head_k
+    weight = model.cfg.dense_score_weight if is_hybrid(model) else 0.0
+    if not 1 <= k <= (max(beam_size, head_k) if weight else beam_size):
+        raise ValueError(f"k={k} must be in 1..beam_size={beam_size}" + (f" or head_k={head_k}" if weight else ""))
     with eval_mode(model):
         memory = model.encode(context_only(context))                         # once, for both scores
         cache, h_bos = _decode_bos(model, memory)
@@ -167,7 +174,7 @@ def topk_next_items(model: GenerativeRecommender, context: Mapping[str, torch.Te
             items, scores, _ = _search(model, memory, cache, h_bos, allowed_fn, item_of_fn, beam_size, 1, k)
             return items[:, :, 0], scores
         dense = model.item_logits(h_bos, memory).log_softmax(-1)              # (B, N) fp32
-        by_dense = dense.topk(min(beam_size, dense.shape[1]), dim=1).indices  # (B, W') rows
+        by_dense = dense.topk(min(head_k, dense.shape[1]), dim=1).indices     # (B, W') rows
         # a beam item's score is already its exact log-prob; the head's picks ride along the beams
         items, scores, head_logp = _search(model, memory, cache, h_bos, allowed_fn, item_of_fn, beam_size, 1,
                                            beam_size, forced=model.item_codes[by_dense + 1])
@@ -244,7 +251,8 @@ def reference_beam_search(model: GenerativeRecommender, context_batch: Mapping[s
 
 @torch.no_grad()
 def reference_topk_next_items(model: GenerativeRecommender, context_batch: Mapping[str, torch.Tensor],
-                              trie: dict, beam_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                              trie: dict, beam_size: int, k: int, head_k: int | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `topk_next_items`, one user and one candidate at a time: the beam from
     `reference_beam_search`, each item's dense logit as an explicit dot product with its vector
     (+ the repeat gate's offset for an item of the context), and each candidate's log-prob from
@@ -280,7 +288,7 @@ def reference_topk_next_items(model: GenerativeRecommender, context_batch: Mappi
             logits.append(float(query @ vector.float()) + (offset if j + 1 in seen else 0.0))
         top = max(logits)
         log_z = top + math.log(sum(math.exp(x - top) for x in logits))
-        by_dense = sorted(range(n), key=lambda j: -logits[j])[:beam_size]
+        by_dense = sorted(range(n), key=lambda j: -logits[j])[:beam_size if head_k is None else head_k]
         candidates = []
         for row in [int(r) for r in items[u, :, 0]] + by_dense:
             if row < 0 or row in candidates:

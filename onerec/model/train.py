@@ -216,24 +216,25 @@ def _autocast(device: torch.device):
 @torch.no_grad()
 def evaluate_model(model: GenerativeRecommender, codes: ItemCodes, eval_set: EvalSet, beam_size: int,
                    batch_size: int = 256, ks: Sequence[int] = EVAL_KS, trie=None,
-                   exclude_history: bool = False) -> dict:
+                   exclude_history: bool = False, head_k: int | None = None) -> dict:
     """Full-ranking metrics of `model` on (users, histories, targets) as in `onerec.eval.evaluate`:
     constrained beam search gives the top beam_size items per user; score = beam_size - rank for
     those, -inf for all other items (so a target outside the top list ranks last, and R@k/N@k for
     k <= max(ks) are exact). Items of the history stay in the ranking unless `exclude_history`
     (then a history item's place goes to the next of the beam_size: exact while at most
-    beam_size - max(ks) of them are in the list)."""
+    beam_size - max(ks) of them are in the list). head_k: the hybrid's head items beside the
+    beams (topk_next_items); the list is then max(beam_size, head_k) long."""
     device = next(model.parameters()).device
     trie = (codes.trie() if trie is None else trie).to(device)
-    kmax = max(ks)
-    if beam_size < kmax:
+    kmax, ranked = max(ks), beam_size if head_k is None else max(beam_size, head_k)
+    if ranked < kmax:
         raise ValueError(f"beam_size={beam_size} must be >= {kmax} to rank the top {kmax} items")
-    rank_score = torch.arange(beam_size, 0, -1, dtype=torch.float32, device=device)   # (W,) best = W
+    rank_score = torch.arange(ranked, 0, -1, dtype=torch.float32, device=device)      # (W,) best = W
 
     def score(histories, users=None) -> torch.Tensor:
         ctx = context_batch(histories, codes, model.cfg.max_seq_len, device)
         with _autocast(device):
-            rows, _ = topk_next_items(model, ctx, trie.allowed, trie.item_of, beam_size, beam_size)  # (B, W)
+            rows, _ = topk_next_items(model, ctx, trie.allowed, trie.item_of, beam_size, ranked, head_k)  # (B, W)
         scores = torch.full((len(histories), codes.n_items), -math.inf, device=device)   # (B, N)
         ok = rows >= 0
         user = torch.arange(len(histories), device=device)[:, None].expand_as(rows)

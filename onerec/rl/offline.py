@@ -51,18 +51,19 @@ def rating_examples(ratings: pd.DataFrame) -> pd.DataFrame:
                          "served_ms": ratings["timestamp"].to_numpy() * 1000})
 
 
-def recommend(served, histories: list[list[int]], k: int, beam: int, batch: int = 64) -> np.ndarray:
-    """(U, k) raw item ids from each user's history (raw ids, oldest first)."""
+def recommend(served, histories: list[list[int]], k: int, beam: int, head_k: int | None = None,
+              batch: int = 64) -> np.ndarray:
+    """(U, k) raw item ids from each user's history (raw ids, oldest first), as served."""
     out = []
     for start in range(0, len(histories), batch):
         known = served.histories(histories[start:start + batch])
-        out.append(served.top_items(known, k, beam)[0])
+        out.append(served.top_items(known, k, beam, head_k)[0])
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
 def offline_check(served, reward_model, users: list[int], histories: list[list[int]], holdout: pd.DataFrame,
-                  k: int, beam: int) -> dict:
-    recs = recommend(served, histories, k, beam)                                  # (U, k)
+                  k: int, beam: int, head_k: int | None = None) -> dict:
+    recs = recommend(served, histories, k, beam, head_k)                                  # (U, k)
     rated = {(int(u), int(i)): float(r) for u, i, r in zip(holdout["user_id"], holdout["item_id"], holdout["rating"])}
     hits = [rated[(u, int(i))] for u, row in zip(users, recs) for i in row if (u, int(i)) in rated]
     expected = reward_model.score(np.repeat(users, recs.shape[1]), recs.reshape(-1))
@@ -127,11 +128,11 @@ def align_saved_model(cfg: Config, model_dir: str | Path, out_dir: str | Path, r
 
     check_users = sorted(set(int(u) for u in holdout["user_id"]) & set(by_user))
     histories = [by_user[u] for u in check_users]
-    k, beam = cfg.serving.default_k, cfg.serving.beam_size
+    k, beam, head_k = cfg.serving.default_k, cfg.serving.beam_size, cfg.serving.head_candidates
     progress(f"offline check on {len(check_users)} users with held-out ratings")
     for name, served in (("champion", champion), ("aligned", aligned_served)):
         report.update({f"{name}_{key}": v for key, v in
-                       offline_check(served, reward_model, check_users, histories, holdout, k, beam).items()})
+                       offline_check(served, reward_model, check_users, histories, holdout, k, beam, head_k).items()})
     report.update(align_method=cfg.align.method, align_steps=cfg.align.steps,
                   sampled_reward_first=round(float(np.mean([r["mean_reward"] for r in log[:5]])), 4),
                   sampled_reward_last=round(float(np.mean([r["mean_reward"] for r in log[-5:]])), 4),

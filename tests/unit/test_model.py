@@ -681,3 +681,18 @@ def test_items_forced_along_the_beams_score_their_teacher_forced_log_prob(arch):
         torch.testing.assert_close(scores, plain_scores)
         with pytest.raises(ValueError, match="session of one item"):
             _search(model, memory, *_decode_bos(model, memory), allowed, item_of, 6, 2, 6, forced=forced)
+
+
+@pytest.mark.parametrize("arch", ["v1", "v2"])
+def test_a_narrow_beam_beside_more_head_items_matches_the_reference(arch):
+    """The hybrid's head items are their own knob (head_k): k may exceed the beams then."""
+    model, codes = dense_model(arch)
+    batch = model_batch(make_batch(codes, 4, 5, 1, seed=3))
+    allowed, item_of = brute_force_fns(codes)
+    items, scores = topk_next_items(model, batch, allowed, item_of, beam_size=2, k=5, head_k=6)
+    ref_items, ref_scores = reference_topk_next_items(model, batch, dict_trie(codes), beam_size=2, k=5, head_k=6)
+    assert torch.equal(items, ref_items) and (items >= 0).all()
+    assert all(len(set(row.tolist())) == 5 for row in items)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="head_k"):
+        topk_next_items(model, batch, allowed, item_of, beam_size=2, k=7, head_k=6)

@@ -93,19 +93,20 @@ def test_v1_request_returns_k_distinct_catalogue_items_with_their_semantic_ids(s
     assert rec["semantic_ids"] == tok.encode(np.array(rec["items"])).tolist()
 
 
-def test_a_request_for_more_items_than_beams_widens_its_beam(served):
-    """serving.beam_size below max_k: a request asking k > beam_size still gets k distinct items,
-    the same ones a beam of k gives."""
+def test_a_request_for_more_items_than_the_head_candidates_widens_them(served):
+    """serving.head_candidates below max_k: a request asking k more still gets k distinct items,
+    the same ones k head candidates give (the beams stay as narrow as configured)."""
     cfg, dirs, histories, popular, catalogue = served
     from serving.predictor import OneRecPredictor
 
     user = next(iter(histories))
     answers = {}
-    for beam in (4, 8):
-        narrow = load_config("debug", [*IN_THREAD, f"serving.beam_size={beam}", "serving.default_k=4"])
+    for head in (4, 8):
+        narrow = load_config("debug", [*IN_THREAD, "serving.beam_size=2", f"serving.head_candidates={head}",
+                                       "serving.default_k=4"])
         p = OneRecPredictor("onerec", narrow, model_dirs=dirs, features=Features(histories, popular))
         assert p.load()
-        (answers[beam],) = ask(p, {"instances": [{"user_id": user, "k": 8}]})["predictions"]
+        (answers[head],) = ask(p, {"instances": [{"user_id": user, "k": 8}]})["predictions"]
         p.stop()
     assert len(set(answers[4]["items"])) == 8 and set(answers[4]["items"]) <= catalogue
     assert answers[4]["items"] == answers[8]["items"]
