@@ -482,14 +482,16 @@ def _cycle() -> weakref.ref:
 
 @pytest.mark.parametrize("collect", [True, False])
 def test_settling_the_heap_freezes_what_lives_and_collects_first_only_when_asked(collect):
-    garbage, frozen_before = _cycle(), gc.get_freeze_count()
+    garbage, frozen_before, thresholds = _cycle(), gc.get_freeze_count(), gc.get_threshold()
     try:
         settle_heap(collect=collect)
         assert gc.get_freeze_count() > frozen_before               # out of every full collection's walk
+        assert gc.get_threshold()[2] == 100                        # and full collections 10x rarer
         gc.collect()
         assert (garbage() is None) == collect                      # frozen garbage stays until unfrozen
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def test_the_served_app_has_no_timing_middleware():
