@@ -9,7 +9,7 @@ KAFKA_BOOTSTRAP: without it, exposures are not logged).
 Per-request log lines (uvicorn's access log, KServe's latency trace) are off unless
 --request_log: under load they took ~15 % of the event loop's time, and every response is
 already in the exposure log and the Prometheus histograms. So is the timing middleware that feeds
-the latency trace, and the event loop is uvloop's (as KServe's --event_loop auto promises; its
+the latency trace, and the event loop is uvloop's (as KServe's --event-loop auto promises; its
 asyncio.run never applied it)."""
 import argparse
 import asyncio
@@ -47,7 +47,7 @@ class UntimedRESTServer(RESTServer):
 
 
 def use_uvloop(event_loop: str) -> bool:
-    """KServe's --event_loop: 'auto' (uvloop when installed) or 'uvloop' -> the uvloop policy, so
+    """KServe's --event-loop: 'auto' (uvloop when installed) or 'uvloop' -> the uvloop policy, so
     the asyncio.run in ModelServer.start runs on it. -> whether it did."""
     if event_loop == "asyncio":
         return False
