@@ -49,6 +49,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run as a script
@@ -177,6 +178,42 @@ def model_folder(cfg, model: Path | None, out: Path) -> Path:
     return save_model(catalogue_model(cfg.model, tok, data.index, data.dataset.items), out, tokenizer=tok)
 
 
+@dataclass
+class Online:
+    """The embedded stack up, Feast backfilled, a champion registered: what the benchmarks serve."""
+    served: object                # ServedModel of the champion, in this process
+    version: str
+    users: list[int]              # users with a known history online (the beam-search path)
+    by_user: dict                 # user -> that history in the model's item indices
+    backfilled: dict
+
+
+def start_online(cfg, model: Path | None, tmp: Path) -> Online:
+    """Start the embedded stack (the caller stops it), backfill Feast, register `model` (or a
+    seeded random one) as the champion and read which users have a history online."""
+    import redis
+
+    from onerec.data import load_dataset, online_split
+    from onerec.features.backfill import backfill
+    from onerec.serve import FeastFeatures, ServedModel
+
+    log(f"starting the embedded stack in {tmp}")
+    stack.up(cfg)
+    env_file = read_env_file(Path(cfg.stack.state_dir) / ENV_FILE_NAME)
+    feast_store.apply_repo(cfg)
+    log("backfilling the feature store (offline + online)")
+    backfilled = backfill(cfg, redis.Redis.from_url(env_file["REDIS_URL"]), progress=False)
+    folder = model_folder(cfg, model, tmp / "model")
+    version = register_champion(env_file["MLFLOW_TRACKING_URI"], cfg.registry.model_name, folder)
+    served = ServedModel.from_dir(folder, version, "champion")
+    features = FeastFeatures(feast_store.open_store(cfg), served.item_ids, cfg.serving.popular_refresh_s)
+    history = online_split(load_dataset(cfg.data).interactions, cfg.data).history
+    candidates = sorted(int(u) for u in history["user_id"].unique())
+    known = served.histories(features.histories(candidates))
+    users = [u for u, h in zip(candidates, known) if len(h)]
+    return Online(served, version, users, dict(zip(candidates, known)), backfilled)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
@@ -210,30 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, dict]] = {mode: {} for mode in MODE_LETTER}
     cpu_share: dict[str, float] = {}
     try:
-        import redis
-
-        from onerec.features.backfill import backfill
-        from onerec.serve import FeastFeatures, ServedModel
         from serving.process import ServerProcess
 
-        log(f"starting the embedded stack in {tmp}")
-        stack.up(cfg)
-        env_file = read_env_file(Path(cfg.stack.state_dir) / ENV_FILE_NAME)
-        feast_store.apply_repo(cfg)
-        log("backfilling the feature store (offline + online)")
-        backfilled = backfill(cfg, redis.Redis.from_url(env_file["REDIS_URL"]), progress=False)
-        folder = model_folder(cfg, args.model, tmp / "model")
-        version = register_champion(env_file["MLFLOW_TRACKING_URI"], cfg.registry.model_name, folder)
-
-        served = ServedModel.from_dir(folder, version, "champion")
-        features = FeastFeatures(feast_store.open_store(cfg), served.item_ids, cfg.serving.popular_refresh_s)
-        from onerec.data import load_dataset, online_split
-
-        history = online_split(load_dataset(cfg.data).interactions, cfg.data).history
-        candidates = sorted(int(u) for u in history["user_id"].unique())
-        known = served.histories(features.histories(candidates))
-        users = [u for u, h in zip(candidates, known) if len(h)]      # warm users: the beam-search path
-        by_user = dict(zip(candidates, known))
+        online = start_online(cfg, args.model, tmp)
+        served, users, by_user, backfilled = online.served, online.users, online.by_user, online.backfilled
+        version = online.version
         log(f"{len(users)} users online; model v{version} ({served.model.arch}, {len(served.item_ids)} items)")
 
         # one model thread, taking the C clients' calls in arrival order: C threads in torch at once
