@@ -30,10 +30,10 @@ against).
 
 Pipelined (`prepare` given): each batch runs as fn(prepare(items)), prepare on the batcher's
 thread and fn on a runner thread, so batch k+1's prepare (the feature lookup) overlaps batch k's
-fn (the beam search) instead of keeping the model idle. While the runner is busy, the next batch
-keeps collecting until just before the runner is expected to be free (its mean fn time, less the
-mean prepare time): a batch closed earlier would only wait, and the callers arriving meanwhile
-would miss it.
+fn (the beam search) instead of keeping the model idle. At most one batch is prepared ahead: the
+next one starts collecting when the runner takes it, and collects until just before the runner is
+expected to be free (its mean fn time, less the mean prepare time): a batch closed earlier would
+only wait, and the callers arriving meanwhile would miss it.
 """
 from __future__ import annotations
 
@@ -173,13 +173,18 @@ class MicroBatcher:
             self._fail(jobs, exc)
             return
         self._prepare_s = _mean(self._prepare_s, time.monotonic() - started)
-        self._handoff.put((jobs, prepared))              # waits while the runner still has one waiting
+        # hand it over, then wait until the runner takes it: a batch closed while this one still
+        # waits would be closed a whole run early, small, and sit prepared for that run (at 64
+        # callers: batches of 22 of them, each waiting 17 ms after its feature lookup)
+        self._handoff.put((jobs, prepared))
+        self._handoff.join()
 
     def _run_prepared(self) -> None:
         while (batch := self._handoff.get()) is not _STOP:
             jobs, prepared = batch
             started = time.monotonic()
             self._busy_until = started + self._fn_s
+            self._handoff.task_done()                    # the batcher collects the next batch now
             self._deliver(jobs, lambda: self.fn(prepared))
             self._fn_s = _mean(self._fn_s, time.monotonic() - started)
             self._busy_until = 0.0

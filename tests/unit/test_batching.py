@@ -260,3 +260,19 @@ def test_pipelined_a_busy_runner_lets_the_next_batch_collect_until_it_is_nearly_
     assert later.result(5) == [6] and first.result(5) == [2]
     assert fn.batches[-1] == [2, 3]                  # one batch, though [2] waited alone for 50 ms
     batcher.close()
+
+
+def test_pipelined_no_batch_closes_while_a_prepared_one_waits_for_the_runner():
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=64, max_wait_s=0.0, max_pending=100, prepare=lambda items: items)
+    first = hold_worker(fn, batcher, [1])
+    batcher._fn_s = 1e-6                             # the runner "should be free" already: no collecting
+    waiting = batcher.submit([2])                    # prepared, waits for the held runner
+    time.sleep(0.05)
+    third = batcher.submit([3])
+    time.sleep(0.05)
+    fourth = batcher.submit([4])                     # both still queued: [3] was not closed alone
+    fn.gate.set()
+    assert [f.result(5) for f in (first, waiting, third, fourth)] == [[2], [4], [6], [8]]
+    assert fn.batches == [[1], [2], [3, 4]]
+    batcher.close()
