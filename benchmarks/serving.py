@@ -33,7 +33,7 @@ The model is `--model DIR` (a saved `onerec train` output, e.g. `.onerec/models/
 `make demo`) or the preset's model with seeded random weights (latency depends on shapes; a
 trained model's beams are the realistic trie traffic). The client threads share the machine with
 the server: their CPU share is printed, and they speak HTTP through `KeepAliveClient`, which
-costs the server's cores far less than http.client did (1.2-1.4x the QPS the same server showed
+costs the server's cores far less than http.client did (1.1x the QPS the same server showed
 with http.client at 16-64 clients). Figures last, as one JSON line.
 """
 from __future__ import annotations
