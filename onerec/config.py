@@ -339,6 +339,7 @@ class ServingConfig:
     model_process: bool       # beam search in a child process with its own GIL (onerec/model_process.py)
     pipeline: bool            # batch k+1's feature lookup runs while batch k's beam search does (batching.py)
     model_threads: int        # torch threads for the beam search; 0 = torch's default
+    gil_switch_ms: float      # the server's sys.setswitchinterval: how long a thread may hold the GIL while another waits
 
     def validate(self, key: str) -> None:
         _check(1 <= self.default_k <= self.max_k, f"{key}.default_k", "must be in 1..max_k")
@@ -353,6 +354,7 @@ class ServingConfig:
         _check(self.max_queue_ms >= 0, f"{key}.max_queue_ms", "must be >= 0 (0 = never shed)")
         _check(self.standing_queue_ms >= 0, f"{key}.standing_queue_ms", "must be >= 0")
         _check(self.model_threads >= 0, f"{key}.model_threads", "must be >= 0 (0 = torch's default)")
+        _check(self.gil_switch_ms > 0, f"{key}.gil_switch_ms", "must be > 0 (Python's default is 5)")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ asyncio.run never applied it)."""
 import argparse
 import asyncio
 import logging
+import sys
 
 import kserve
 from kserve import model_server
@@ -79,5 +80,6 @@ if __name__ == "__main__":
         model_server.RESTServer = UntimedRESTServer    # the class ModelServer.start builds its server from
     use_uvloop(args.event_loop)
     model_server.app.add_exception_handler(Shed, shed_handler)        # 503s without a traceback each
+    sys.setswitchinterval(cfg.serving.gil_switch_ms / 1000)     # the runner thread waits less for the GIL
     settle_heap()                     # before traffic: no full-GC pause over what start-up built
     server.start([predictor])
