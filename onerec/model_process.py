@@ -40,6 +40,24 @@ class ModelProcessError(RuntimeError):
     """The model process failed a call, died or did not answer in time."""
 
 
+def model_cpus(threads: int) -> set[int]:
+    """The CPUs to pin a model process with `threads` torch threads to: the last `threads` of those
+    this process may run on, so the server keeps the others. Empty (no pinning) when there are
+    not more than that, or threads is 0 (torch's default: every CPU)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return set(allowed[-threads:]) if 0 < threads < len(allowed) else set()
+
+
+def pin_threads(cpus: set[int]) -> None:
+    """Pin every thread of this process (sched_setaffinity alone pins only the calling thread;
+    threads started later inherit the caller's set)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:                # the thread ended meanwhile
+            pass
+
+
 def _child(run, control, device: str, threads: int) -> None:
     import torch
 
@@ -112,8 +130,8 @@ class ModelProcess:
     considered hung: killed, and restarted by the next call)."""
 
     def __init__(self, device: str = "cpu", threads: int = 0, run_timeout_s: float = 60.0,
-                 load_timeout_s: float = 300.0):
-        self.device, self.threads = device, threads
+                 load_timeout_s: float = 300.0, cpus: set[int] = frozenset()):
+        self.device, self.threads, self.cpus = device, threads, set(cpus)   # cpus: pin the child there
         self.run_timeout_s, self.load_timeout_s = run_timeout_s, load_timeout_s
         self.restarts = 0
         self._loaded: list[str] = []              # what a restarted child must load again
@@ -126,7 +144,7 @@ class ModelProcess:
         control, child_control = socket.socketpair()
         fds = (child_run.fileno(), child_control.fileno())
         self._proc = subprocess.Popen([sys.executable, "-m", "onerec.model_process", *map(str, fds), self.device,
-                                       str(self.threads)], pass_fds=fds)
+                                       str(self.threads), ",".join(map(str, sorted(self.cpus)))], pass_fds=fds)
         child_run.close()
         child_control.close()
         self._run = _Channel(Connection(run.detach()), self.run_timeout_s)
@@ -184,6 +202,8 @@ class ModelProcess:
 
 
 if __name__ == "__main__":
-    run_fd, control_fd, device, threads = sys.argv[1:]
+    run_fd, control_fd, device, threads, cpus = sys.argv[1:]
+    if cpus:                                      # before torch starts its threads: they inherit it
+        pin_threads({int(c) for c in cpus.split(",")})    # and numpy's, started at import
     _child(Connection(int(run_fd)), Connection(int(control_fd)), device, int(threads))
     os._exit(0)   # now, not after finalizing torch under the control thread still blocked in recv

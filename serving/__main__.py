@@ -14,6 +14,7 @@ asyncio.run never applied it)."""
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 import kserve
@@ -23,6 +24,7 @@ from kserve.protocol.rest.server import RESTServer
 from onerec.config import load_config
 from onerec.endpoints import MLFLOW_TRACKING_URI, resolve_endpoints
 from onerec.exposures import ExposureLog
+from onerec.model_process import pin_threads
 from onerec.serve import settle_heap
 from serving.predictor import OneRecPredictor, Shed, shed_handler
 
@@ -73,6 +75,8 @@ if __name__ == "__main__":
     exposures = ExposureLog(bootstrap, cfg.kafka.exposures.name) if bootstrap else None
     predictor = OneRecPredictor(args.model_name, cfg, tracking_uri=uri, device=args.device, exposures=exposures)
     predictor.load()
+    if predictor.worker is not None and predictor.worker.cpus:     # serving.pin_cpus: the model process has its own
+        pin_threads(set(os.sched_getaffinity(0)) - predictor.worker.cpus)
     server = kserve.ModelServer(enable_latency_logging=args.request_log)     # configures the loggers
     if not args.request_log:
         for name in ("uvicorn.access", "kserve.trace"):

@@ -29,7 +29,7 @@ from prometheus_client import Counter, Histogram
 from onerec.batching import MicroBatcher, Overloaded
 from onerec.config import Config
 from onerec.exposures import ExposureLog
-from onerec.model_process import ModelProcess
+from onerec.model_process import ModelProcess, model_cpus
 from onerec.serve import ABRouter, FeatureSource, Recommender, RequestError, ServedModel, parse_request
 
 
@@ -80,7 +80,9 @@ class OneRecPredictor(kserve.Model):
     def load(self) -> bool:
         """Fetch every alias the A/B config uses (champion always) and open the feature store."""
         if self.cfg.serving.model_process and self.worker is None:
-            self.worker = ModelProcess(self.device, self.cfg.serving.model_threads)
+            s = self.cfg.serving
+            self.worker = ModelProcess(self.device, s.model_threads,
+                                       cpus=model_cpus(s.model_threads) if s.pin_cpus else set())
         models = self._fetch(self.router.aliases() | {"champion"})
         features = self.features
         if features is None:

@@ -94,3 +94,60 @@ def test_the_predictor_runs_the_model_in_the_child_and_frees_retired_models(serv
     finally:
         p.stop()
     assert p.worker._proc.returncode is not None
+
+
+def _allowed_cpus(pid: int, tid: int | None = None) -> set[int]:
+    import os
+    return set(os.sched_getaffinity(tid or pid))
+
+
+def test_model_cpus_leave_the_server_the_others(monkeypatch):
+    import os
+
+    from onerec.model_process import model_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
+    assert model_cpus(1) == {3} and model_cpus(2) == {2, 3}
+    assert model_cpus(0) == set() and model_cpus(4) == set()       # torch's default / nothing left over
+
+
+def test_a_pinned_child_runs_every_thread_on_its_cpus(served):  # noqa: F811
+    import os
+
+    _, dirs, *_ = served
+    cpu = min(os.sched_getaffinity(0))
+    w = ModelProcess(threads=1, cpus={cpu})
+    try:
+        w.load(dirs["champion"][0])                                 # torch and the control thread are up
+        tasks = os.listdir(f"/proc/{w._proc.pid}/task")
+        assert len(tasks) >= 2
+        assert all(_allowed_cpus(int(tid)) == {cpu} for tid in tasks)
+    finally:
+        w.close()
+
+
+def test_pin_threads_pins_threads_already_running():
+    import os
+    import threading
+
+    from onerec.model_process import pin_threads
+
+    before = set(os.sched_getaffinity(0))
+    started, stop = threading.Event(), threading.Event()
+    tid = []
+
+    def run():
+        tid.append(threading.get_native_id())
+        started.set()
+        stop.wait(5)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    started.wait(5)
+    try:
+        pin_threads({min(before)})
+        assert _allowed_cpus(tid[0]) == {min(before)} == _allowed_cpus(0)
+    finally:
+        pin_threads(before)
+        stop.set()
+        thread.join()
