@@ -340,7 +340,7 @@ class ServingConfig:
     pipeline: bool            # batch k+1's feature lookup runs while batch k's beam search does (batching.py)
     model_threads: int        # torch threads for the beam search; 0 = torch's default
     gil_switch_ms: float      # the server's sys.setswitchinterval: how long a thread may hold the GIL while another waits
-    pin_cpus: bool            # the model process on its own model_threads CPUs, the server's threads on the others
+    pin_cpus: bool            # the model process on its own model_threads CPUs, the server's threads on the others (no model process: no pinning)
 
     def validate(self, key: str) -> None:
         _check(1 <= self.default_k <= self.max_k, f"{key}.default_k", "must be in 1..max_k")
@@ -356,8 +356,8 @@ class ServingConfig:
         _check(self.standing_queue_ms >= 0, f"{key}.standing_queue_ms", "must be >= 0")
         _check(self.model_threads >= 0, f"{key}.model_threads", "must be >= 0 (0 = torch's default)")
         _check(self.gil_switch_ms > 0, f"{key}.gil_switch_ms", "must be > 0 (Python's default is 5)")
-        _check(not self.pin_cpus or (self.model_process and self.model_threads >= 1), f"{key}.pin_cpus",
-               "needs serving.model_process and serving.model_threads >= 1 (the CPUs the model process gets)")
+        _check(not (self.pin_cpus and self.model_process) or self.model_threads >= 1, f"{key}.pin_cpus",
+               "needs serving.model_threads >= 1 (the CPUs the model process gets)")
 
 
 @dataclass(frozen=True)

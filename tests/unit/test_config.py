@@ -50,6 +50,7 @@ def test_int_is_accepted_for_float_fields():
     ("model.dense_loss_weight=-1", "model.dense_loss_weight"),
     ("model.dense_loss_weight=0", "model.dense_score_weight"),   # a weight for a head that is not there
     ("serving.gil_switch_ms=0", "serving.gil_switch_ms"),
+    ("serving.pin_cpus=true", "serving.pin_cpus"),               # debug: model_threads 0 (torch's default)
     ("model", "model"),
 ])
 def test_bad_overrides_name_the_key(override, names):
